@@ -1,0 +1,400 @@
+"""Atomic, resumable checkpoints and the run directory that holds them.
+
+Layout::
+
+    RUN_DIR/
+      run_config.yaml                 the resolved config of the run (checked on resume)
+      metrics.jsonl                   written by gndpo.report.loggers
+      checkpoints/
+        step-000012/
+          config.json, model.safetensors, generation_config.json   student, HF save_pretrained layout
+          tokenizer / processor files                             when a processor is given
+          trainer_state.pt            optimizer, scheduler, RNG states, user state (step, data position)
+          config.yaml                 the run config at save time
+          COMPLETE                    written last: a directory without it is not a checkpoint
+
+A checkpoint is written into ``checkpoints/.tmp-step-000012-<pid>``, every file is fsynced, the
+``COMPLETE`` marker is written, and only then is the directory renamed to its final name, so a crash
+never leaves a partial checkpoint where :func:`latest_checkpoint` would find it. Re-saving an existing
+step renames the old one to ``.old-…`` first; deleting (``keep_last``) renames to ``.del-…`` first.
+Leftovers of interrupted saves are cleaned (or, for ``.old-…``, put back) on the next save or resume.
+
+Only the process that saves should call these functions (rank 0 in a distributed run), with the full,
+unwrapped model.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+import yaml
+
+from gndpo.errors import GndpoError
+
+CHECKPOINTS_DIR = "checkpoints"
+COMPLETE_MARKER = "COMPLETE"
+TRAINER_STATE = "trainer_state.pt"
+CHECKPOINT_CONFIG = "config.yaml"
+RUN_CONFIG = "run_config.yaml"
+METRICS_FILE = "metrics.jsonl"
+FORMAT_VERSION = 1
+
+# Config keys that may change between a run and its resumption; everything else must match.
+RESUME_MUTABLE_KEYS = ("trainer.total_steps", "trainer.resume", "trainer.output_dir", "logging.*", "checkpoint.*")
+
+_STEP_RE = re.compile(r"^step-(\d+)$")
+_OLD_RE = re.compile(r"^\.old-(step-\d+)-\d+$")
+
+
+def checkpoint_path(run_dir: str | Path, step: int) -> Path:
+    return Path(run_dir) / CHECKPOINTS_DIR / f"step-{step:06d}"
+
+
+# ---------------------------------------------------------------------------------------------- file safety
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            with open(os.path.join(dirpath, name), "rb") as f:
+                os.fsync(f.fileno())
+        _fsync_dir(Path(dirpath))
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _dump_yaml(config: Mapping) -> str:
+    return yaml.safe_dump(_plain(config), sort_keys=False, allow_unicode=True)
+
+
+def _plain(value: Any) -> Any:
+    """Nested dicts/lists of YAML-safe scalars (tuples become lists, Paths strings)."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def _tidy(ckpt_root: Path) -> None:
+    """Remove leftovers of interrupted saves and deletions; put back a checkpoint whose replacement was
+    interrupted between its two renames."""
+    if not ckpt_root.is_dir():
+        return
+    for entry in sorted(ckpt_root.iterdir()):
+        if entry.name.startswith((".tmp-", ".del-")):
+            shutil.rmtree(entry, ignore_errors=True)
+        elif (m := _OLD_RE.match(entry.name)) is not None:
+            final = ckpt_root / m.group(1)
+            if not (final / COMPLETE_MARKER).exists() and (entry / COMPLETE_MARKER).exists():
+                if final.exists():
+                    shutil.rmtree(final, ignore_errors=True)
+                os.rename(entry, final)
+            else:
+                shutil.rmtree(entry, ignore_errors=True)
+
+
+def _remove(path: Path) -> None:
+    """Delete a checkpoint so that no half-deleted directory can look complete: rename, then delete."""
+    trash = path.with_name(f".del-{path.name}-{os.getpid()}")
+    os.rename(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------- RNG
+def _rng_state() -> dict:
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
+
+
+def _set_rng_state(rng: dict) -> None:
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    torch.set_rng_state(rng["torch"])
+    cuda = rng.get("cuda")
+    if cuda is not None:
+        if torch.cuda.is_available() and torch.cuda.device_count() == len(cuda):
+            torch.cuda.set_rng_state_all(cuda)
+        else:
+            warnings.warn(
+                f"checkpoint holds CUDA RNG states for {len(cuda)} devices but this process sees "
+                f"{torch.cuda.device_count() if torch.cuda.is_available() else 0}; CUDA RNG not restored",
+                stacklevel=3,
+            )
+
+
+# ---------------------------------------------------------------------------------------------- save
+def save_checkpoint(
+    run_dir: str | Path,
+    step: int,
+    *,
+    model,
+    optimizer,
+    scheduler=None,
+    processor=None,
+    state: dict,
+    config: Mapping | None,
+    keep_last: int | None = None,
+) -> Path:
+    """Save the student (HF ``save_pretrained`` layout), its processor, the optimizer, scheduler, RNG
+    states, ``state`` and ``config`` as ``run_dir/checkpoints/step-{step:06d}``, atomically.
+
+    An existing checkpoint of the same step is replaced. ``keep_last``: then delete all but that many newest
+    complete checkpoints. Returns the checkpoint directory.
+    """
+    if keep_last is not None and keep_last < 1:
+        raise GndpoError(f"checkpoint.keep_last must be >= 1 or null, got {keep_last}; set 1 or more")
+    root = Path(run_dir) / CHECKPOINTS_DIR
+    root.mkdir(parents=True, exist_ok=True)
+    _tidy(root)
+    final = checkpoint_path(run_dir, step)
+    tmp = root / f".tmp-{final.name}-{os.getpid()}"
+    try:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        model.save_pretrained(tmp)
+        if processor is not None:
+            processor.save_pretrained(tmp)
+        torch.save(
+            {
+                "format": FORMAT_VERSION,
+                "step": step,
+                "optimizer": optimizer.state_dict() if optimizer is not None else None,
+                "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                "rng": _rng_state(),
+                "state": state,
+            },
+            tmp / TRAINER_STATE,
+        )
+        if config is not None:
+            (tmp / CHECKPOINT_CONFIG).write_text(_dump_yaml(config), encoding="utf-8")
+        _fsync_tree(tmp)
+        _atomic_write_text(tmp / COMPLETE_MARKER, f"step {step}\nsaved {time.strftime('%Y-%m-%dT%H:%M:%S')}\n")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+    if final.exists():
+        old = root / f".old-{final.name}-{os.getpid()}"
+        os.rename(final, old)
+        os.rename(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, final)
+    _fsync_dir(root)
+
+    if keep_last is not None:
+        for ckpt in list_checkpoints(run_dir)[:-keep_last]:
+            if ckpt != final:
+                _remove(ckpt)
+    return final
+
+
+# ---------------------------------------------------------------------------------------------- find
+def _is_complete(path: Path) -> bool:
+    return (path / COMPLETE_MARKER).is_file()
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest step first."""
+    root = Path(run_dir) / CHECKPOINTS_DIR
+    if not root.is_dir():
+        return []
+    found = []
+    for entry in root.iterdir():
+        m = _STEP_RE.match(entry.name)
+        if m is not None and entry.is_dir() and _is_complete(entry):
+            found.append((int(m.group(1)), entry))
+    return [path for _, path in sorted(found)]
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The complete checkpoint with the highest step, or None."""
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+# ---------------------------------------------------------------------------------------------- load
+def _read_weights(ckpt_dir: Path) -> dict[str, torch.Tensor]:
+    """Tensors of a save_pretrained directory, single-file or sharded."""
+    from safetensors.torch import load_file
+
+    single = ckpt_dir / "model.safetensors"
+    if single.is_file():
+        return load_file(single)
+    index = ckpt_dir / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        weights: dict[str, torch.Tensor] = {}
+        for shard in shards:
+            weights.update(load_file(ckpt_dir / shard))
+        return weights
+    raise GndpoError(f"{ckpt_dir} holds no model.safetensors; pass a checkpoint directory written by gndpo")
+
+
+def _load_into(model, weights: Mapping[str, torch.Tensor], ckpt_dir: Path) -> None:
+    """``load_state_dict`` that accepts missing keys only when they are tied to (share storage with) a
+    loaded tensor, as save_pretrained leaves out a tied lm_head."""
+    own = model.state_dict()
+    unexpected = sorted(set(weights) - set(own))
+    if unexpected:
+        raise GndpoError(
+            f"checkpoint {ckpt_dir} does not fit the model: unexpected weights such as {unexpected[0]}; "
+            "load it into the same architecture it was saved from"
+        )
+    loaded_ptrs = {own[k].data_ptr() for k in weights}
+    untied = sorted(k for k in set(own) - set(weights) if own[k].data_ptr() not in loaded_ptrs)
+    if untied:
+        raise GndpoError(
+            f"checkpoint {ckpt_dir} lacks weight {untied[0]} (and {len(untied) - 1} more) that is not tied to a "
+            "saved one; load it into the same architecture it was saved from"
+        )
+    reshaped = sorted(k for k in weights if weights[k].shape != own[k].shape)
+    if reshaped:
+        k = reshaped[0]
+        raise GndpoError(
+            f"checkpoint {ckpt_dir} does not fit the model: {k} has shape {tuple(weights[k].shape)}, the model "
+            f"{tuple(own[k].shape)}; load it into the same architecture it was saved from"
+        )
+    model.load_state_dict(weights, strict=False)
+
+
+def _saved_weights(model, ckpt_dir: Path) -> Mapping[str, torch.Tensor]:
+    weights = _read_weights(ckpt_dir)
+    if set(weights) <= set(model.state_dict()):
+        return weights
+    # save_pretrained writes some architectures (e.g. VLMs whose modules were reorganised in transformers)
+    # under their original checkpoint names; transformers' own loader knows the mapping back.
+    del weights
+    fits = "load it into the same architecture it was saved from"
+    try:
+        fresh, info = type(model).from_pretrained(
+            ckpt_dir, config=model.config, dtype=next(model.parameters()).dtype, output_loading_info=True
+        )
+    except Exception as e:
+        raise GndpoError(f"cannot read the weights of {ckpt_dir} into {type(model).__name__} ({e}); {fits}") from e
+    kinds = {"unexpected_keys": "unexpected weights", "missing_keys": "missing weights", "mismatched_keys": "weights of another shape"}
+    for kind, words in kinds.items():
+        if info.get(kind):
+            first = sorted(map(str, info[kind]))[0]
+            raise GndpoError(f"checkpoint {ckpt_dir} does not fit the model: {words} such as {first}; {fits}")
+    return fresh.state_dict()
+
+
+def load_checkpoint(ckpt_dir: str | Path, *, model, optimizer=None, scheduler=None, restore_rng: bool = True) -> dict:
+    """Load a checkpoint into ``model`` (in place) and, when given, ``optimizer`` and ``scheduler``; restore
+    the RNG states unless ``restore_rng`` is False. Returns the ``state`` dict saved with it."""
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        raise GndpoError(f"checkpoint {ckpt_dir} does not exist; pass a directory under RUN_DIR/checkpoints")
+    if not _is_complete(ckpt_dir):
+        raise GndpoError(f"checkpoint {ckpt_dir} is incomplete (no {COMPLETE_MARKER} marker: its save was interrupted); use an earlier one")
+    # Only our own file, written by save_checkpoint, is unpickled in full (it holds RNG tuples and numpy state).
+    trainer_state = torch.load(ckpt_dir / TRAINER_STATE, map_location="cpu", weights_only=False)
+
+    with torch.no_grad():
+        _load_into(model, _saved_weights(model, ckpt_dir), ckpt_dir)
+    if optimizer is not None:
+        if trainer_state.get("optimizer") is None:
+            raise GndpoError(f"checkpoint {ckpt_dir} holds no optimizer state; load it without an optimizer")
+        optimizer.load_state_dict(trainer_state["optimizer"])
+    if scheduler is not None:
+        if trainer_state.get("scheduler") is None:
+            raise GndpoError(f"checkpoint {ckpt_dir} holds no lr scheduler state; load it without a scheduler")
+        scheduler.load_state_dict(trainer_state["scheduler"])
+    if restore_rng:
+        _set_rng_state(trainer_state["rng"])
+    return trainer_state["state"]
+
+
+# ---------------------------------------------------------------------------------------------- run dir
+def _flatten(config: Mapping, prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            flat.update(_flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def _mutable(key: str) -> bool:
+    return any(key == p or (p.endswith(".*") and key.startswith(p[:-1])) for p in RESUME_MUTABLE_KEYS)
+
+
+def config_difference(old: Mapping, new: Mapping) -> tuple[str, Any, Any] | None:
+    """The first key (dotted) whose value differs between two configs, outside RESUME_MUTABLE_KEYS."""
+    missing = object()
+    a, b = _flatten(yaml.safe_load(_dump_yaml(old)) or {}), _flatten(yaml.safe_load(_dump_yaml(new)) or {})
+    for key in list(b) + [k for k in a if k not in b]:
+        if not _mutable(key) and a.get(key, missing) != b.get(key, missing):
+            show = lambda v: "<absent>" if v is missing else v  # noqa: E731
+            return key, show(a.get(key, missing)), show(b.get(key, missing))
+    return None
+
+
+def prepare_run_dir(run_dir: str | Path, *, config: Mapping, resume: bool) -> Path | None:
+    """Create or reopen a run directory; returns the checkpoint to resume from (None: start fresh).
+
+    A directory that already holds a run (metrics, checkpoints or a run config) is only reused with
+    ``resume=True``, and only if its stored config equals ``config`` outside RESUME_MUTABLE_KEYS.
+    ``run_config.yaml`` is (re)written with ``config``.
+    """
+    run_dir = Path(run_dir)
+    holds_run = run_dir.is_dir() and any((run_dir / name).exists() for name in (METRICS_FILE, CHECKPOINTS_DIR, RUN_CONFIG))
+    if holds_run and not resume:
+        raise GndpoError(
+            f"output directory {run_dir} already holds a run; pass trainer.resume=true to continue it "
+            "or choose another trainer.output_dir"
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    stored = run_dir / RUN_CONFIG
+    if holds_run and stored.is_file():
+        diff = config_difference(yaml.safe_load(stored.read_text(encoding="utf-8")) or {}, config)
+        if diff is not None:
+            key, old, new = diff
+            raise GndpoError(
+                f"cannot resume {run_dir}: {key} changed from {old!r} to {new!r}; "
+                f"set it back to {old!r} or choose another trainer.output_dir"
+            )
+    _atomic_write_text(stored, _dump_yaml(config))
+    if not holds_run:
+        return None
+    _tidy(run_dir / CHECKPOINTS_DIR)
+    return latest_checkpoint(run_dir)

@@ -1,0 +1,331 @@
+"""The run configuration: nested dataclasses, YAML files and dotted ``key=value`` overrides (OmegaConf).
+
+Defaults are the paper's Table 2 (arXiv 2606.09091). ``algorithm.method`` is a preset: it fills the
+advantage estimator, policy loss, aggregation mode and reward the way the paper does, and any of those
+fields set explicitly wins over the preset. Everything is validated by :func:`validate` before a model
+is loaded, so a typo costs a second, not a model download.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from gndpo.errors import ConfigError
+
+
+def _f(default: Any, help: str, *, choices: tuple | None = None, factory=None):
+    meta = {"help": help}
+    if choices is not None:
+        meta["choices"] = choices
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass
+class ModelConfig:
+    path: str = _f("", "Student: Hugging Face id or local directory (causal LM or image-text-to-text model).")
+    dtype: str = _f("auto", "Weights dtype; auto = bfloat16 on GPU, float32 on CPU.", choices=DTYPES)
+    trust_remote_code: bool = _f(False, "Allow custom modelling code from the model repository.")
+    attn_implementation: Optional[str] = _f(None, "Attention kernel passed to from_pretrained (sdpa, eager, flash_attention_2).")
+    gradient_checkpointing: bool = _f(False, "Recompute activations in backward to save memory.")
+
+
+@dataclass
+class TeacherConfig:
+    path: Optional[str] = _f(None, "Teacher: Hugging Face id or local directory; required by opd and gndpo.")
+    backend: str = _f("hf", "Where the teacher runs: hf = in-process Hugging Face model.", choices=("hf",))
+    dtype: str = _f("auto", "Teacher weights dtype.", choices=DTYPES)
+    trust_remote_code: bool = _f(False, "Allow custom modelling code from the teacher repository.")
+    micro_batch_size: int = _f(8, "Sequences per teacher forward pass.")
+    check_compatibility: bool = _f(True, "Refuse to train unless student and teacher tokenize identically.")
+
+
+@dataclass
+class DataConfig:
+    train: str = _f("", "Training prompts: jsonl/json/parquet file, save_to_disk directory, or hub dataset id.")
+    format: str = _f("auto", "Dataset adapter.", choices=("auto", "jsonl", "parquet", "datasets", "geometry3k"))
+    split: str = _f("train", "Split to read.")
+    prompt_key: str = _f("problem", "Record field holding the problem text.")
+    answer_key: str = _f("answer", "Record field holding the reference answer.")
+    image_key: Optional[str] = _f("images", "Record field holding images (list or single); null = text only.")
+    id_key: Optional[str] = _f(None, "Record field holding a stable id; default split-index.")
+    prompt_suffix: str = _f("paper", "Text appended to each problem: 'paper' (App. A.2 think/boxed instruction), 'none', or literal text.")
+    system_prompt: Optional[str] = _f(None, "Optional system message.")
+    max_prompt_length: int = _f(8192, "Prompts longer than this many tokens (images included) are skipped and counted.")
+    shuffle: bool = _f(True, "Reshuffle the prompts every epoch (seeded).")
+    limit: Optional[int] = _f(None, "Use only the first N records.")
+
+
+@dataclass
+class RolloutConfig:
+    backend: str = _f("hf", "Sampler: hf = Hugging Face generate with KV cache.", choices=("hf",))
+    n: int = _f(16, "Responses sampled per prompt (G).")
+    temperature: float = _f(1.0, "Sampling temperature.")
+    top_p: float = _f(1.0, "Nucleus sampling threshold.")
+    top_k: int = _f(0, "Top-k sampling; 0 = off.")
+    max_new_tokens: int = _f(16384, "Maximum response length in tokens.")
+    micro_batch_size: int = _f(64, "Sequences generated per generate() call.")
+
+
+@dataclass
+class AlgorithmConfig:
+    method: str = _f("gndpo", "Preset: gndpo, opd (raw on-policy distillation) or gspo (0/1 outcome reward).",
+                     choices=("gndpo", "opd", "gspo"))
+    advantage: Optional[str] = _f(None, "Advantage estimator (gndpo, opd, grpo); default from the method.")
+    scope: Optional[str] = _f(None, "Normalization scope of the distillation reward (batch, group, sequence, none); default from the method.",
+                              choices=(None, "batch", "group", "sequence", "none"))
+    reward_clamp: Optional[float] = _f(5.0, "Clamp |log p_teacher - log p_student| at this bound; null = no clamp.")
+    policy_loss: Optional[str] = _f(None, "Policy loss (gspo_token, ppo, reinforce); default from the method.")
+    loss_agg_mode: Optional[str] = _f(None, "Loss aggregation; the paper uses seq-mean-token-mean.",
+                                      choices=(None, "token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"))
+    clip_low: float = _f(0.2, "Lower clip epsilon of the ratio.")
+    clip_high: float = _f(0.2, "Upper clip epsilon of the ratio.")
+    outcome_reward: str = _f("math", "Outcome reward for gspo and for accuracy metrics.", choices=("math", "math_format"))
+    norm_by_std: bool = _f(True, "grpo: divide group-centred rewards by the group std.")
+    epochs: int = _f(1, "Passes over each rollout batch.")
+    mini_batches: int = _f(1, "Optimizer steps per rollout batch and epoch (paper: 1).")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = _f(1e-6, "AdamW learning rate (constant after warm-up).")
+    weight_decay: float = _f(0.01, "AdamW weight decay.")
+    beta1: float = _f(0.9, "AdamW beta1.")
+    beta2: float = _f(0.999, "AdamW beta2.")
+    eps: float = _f(1e-8, "AdamW epsilon.")
+    grad_clip: float = _f(1.0, "Clip the global gradient norm at this value; 0 = off.")
+    warmup_steps: int = _f(0, "Linear warm-up optimizer steps.")
+
+
+@dataclass
+class TrainerConfig:
+    total_steps: int = _f(65, "Rollout/update steps to run.")
+    prompts_per_step: int = _f(32, "Prompts per rollout batch.")
+    micro_batch_size: int = _f(4, "Sequences per forward/backward pass (gradient accumulation).")
+    seed: int = _f(42, "Seed for data order, sampling and initialisation.")
+    device: str = _f("auto", "cpu, cuda, cuda:N or auto.")
+    threads: Optional[int] = _f(None, "torch CPU threads; default: torch's choice.")
+    output_dir: str = _f("runs/gndpo", "Run directory: metrics, checkpoints, config.")
+    resume: bool = _f(False, "Continue the run in output_dir from its newest complete checkpoint.")
+
+
+@dataclass
+class LoggingConfig:
+    tensorboard: str = _f("auto", "TensorBoard: auto (when installed), true, false.", choices=("auto", "true", "false"))
+    wandb: bool = _f(False, "Log to Weights & Biases.")
+    wandb_project: str = _f("gndpo", "W&B project.")
+    run_name: Optional[str] = _f(None, "Run name for W&B / plots; default: output_dir's name.")
+    progress: bool = _f(True, "Show a progress bar.")
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = _f(0, "Save every N steps (0 = only at the end).")
+    keep_last: Optional[int] = _f(2, "Keep this many newest checkpoints; null = all.")
+    save_final: bool = _f(True, "Save a checkpoint after the last step.")
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = _f(None, "Student model.", factory=ModelConfig)
+    teacher: TeacherConfig = _f(None, "Teacher model.", factory=TeacherConfig)
+    data: DataConfig = _f(None, "Training prompts.", factory=DataConfig)
+    rollout: RolloutConfig = _f(None, "Sampling.", factory=RolloutConfig)
+    algorithm: AlgorithmConfig = _f(None, "Advantages and policy loss.", factory=AlgorithmConfig)
+    optim: OptimConfig = _f(None, "Optimizer.", factory=OptimConfig)
+    trainer: TrainerConfig = _f(None, "Loop, batch sizes, output.", factory=TrainerConfig)
+    logging: LoggingConfig = _f(None, "Metric loggers.", factory=LoggingConfig)
+    checkpoint: CheckpointConfig = _f(None, "Checkpointing.", factory=CheckpointConfig)
+
+
+# What each method means in the paper (and its official code).
+PRESETS: dict[str, dict[str, Any]] = {
+    "gndpo": {"advantage": "gndpo", "scope": "batch", "policy_loss": "gspo_token", "loss_agg_mode": "seq-mean-token-mean"},
+    "opd": {"advantage": "opd", "scope": "none", "policy_loss": "gspo_token", "loss_agg_mode": "seq-mean-token-mean"},
+    "gspo": {"advantage": "grpo", "scope": "none", "policy_loss": "gspo_token", "loss_agg_mode": "seq-mean-token-mean"},
+}
+DISTILLATION_ESTIMATORS = ("gndpo", "opd")
+
+
+# ---------------------------------------------------------------- loading
+
+
+def _omegaconf():
+    from omegaconf import OmegaConf
+
+    return OmegaConf
+
+
+def _one_line(exc: Exception) -> str:
+    msg = str(exc).strip().splitlines()
+    return msg[0] if msg else type(exc).__name__
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """YAML file (optional) + dotted overrides -> validated :class:`RunConfig` with the preset applied."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    OmegaConf = _omegaconf()
+    base = OmegaConf.structured(RunConfig)
+    layers = []
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            layers.append(OmegaConf.load(p))
+        except Exception as exc:  # yaml errors carry multi-line context
+            raise ConfigError(f"cannot parse {p}: {_one_line(exc)}") from None
+    bad = [o for o in overrides if "=" not in o or o.startswith("=")]
+    if bad:
+        raise ConfigError(f"override {bad[0]!r} is not of the form key=value (e.g. optim.lr=1e-5)")
+    if overrides:
+        try:
+            layers.append(OmegaConf.from_dotlist(list(overrides)))
+        except Exception as exc:
+            raise ConfigError(f"cannot parse overrides: {_one_line(exc)}") from None
+    try:
+        merged = OmegaConf.merge(base, *layers)
+        cfg: RunConfig = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(_describe_omegaconf_error(exc)) from None
+    return validate(cfg)
+
+
+def _describe_omegaconf_error(exc) -> str:
+    key = getattr(exc, "full_key", None) or ""
+    name = type(exc).__name__
+    if name in ("ConfigKeyError", "ConfigAttributeError"):
+        parent = key.rsplit(".", 1)[0] if "." in key else ""
+        valid = _field_names(parent)
+        hint = f"; valid keys{' under ' + parent if parent else ''}: {', '.join(valid)}" if valid else ""
+        return f"unknown config key '{key}'{hint}"
+    if name == "MissingMandatoryValue":
+        return f"missing required config value '{key}'; set it in the YAML or as {key}=..."
+    msg = _one_line(exc)
+    # OmegaConf puts "full_key: ..." context on separate lines; keep the first line plus the key.
+    return f"invalid value for '{key}': {msg}" if key else msg
+
+
+def _field_names(dotted: str) -> list[str]:
+    cls: Any = RunConfig
+    for part in [p for p in dotted.split(".") if p]:
+        match = {f.name: f for f in dataclasses.fields(cls)}.get(part)
+        if match is None or not dataclasses.is_dataclass(match.default_factory if match.default_factory is not dataclasses.MISSING else None):
+            return []
+        cls = match.default_factory
+    return [f.name for f in dataclasses.fields(cls)] if dataclasses.is_dataclass(cls) else []
+
+
+# ---------------------------------------------------------------- validation
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+def validate(cfg: RunConfig) -> RunConfig:
+    """Apply the method preset, then check types' ranges and cross-field rules. Returns ``cfg``."""
+    from gndpo.core.advantages import advantage_names
+    from gndpo.core.losses import AGG_MODES, policy_loss_names
+
+    # choices declared in field metadata
+    for section in dataclasses.fields(cfg):
+        sub = getattr(cfg, section.name)
+        for f in dataclasses.fields(sub):
+            choices = f.metadata.get("choices")
+            value = getattr(sub, f.name)
+            if choices is not None and value not in choices:
+                shown = ", ".join("null" if c is None else str(c) for c in choices)
+                raise ConfigError(f"{section.name}.{f.name}={value!r} is not one of: {shown}")
+
+    a = cfg.algorithm
+    preset = PRESETS[a.method]
+    for key, value in preset.items():
+        if getattr(a, key) is None:
+            setattr(a, key, value)
+    _check(a.advantage in advantage_names(),
+           f"algorithm.advantage={a.advantage!r} is not one of: {', '.join(advantage_names())}")
+    _check(a.policy_loss in policy_loss_names(),
+           f"algorithm.policy_loss={a.policy_loss!r} is not one of: {', '.join(policy_loss_names())}")
+    _check(a.loss_agg_mode in AGG_MODES, f"algorithm.loss_agg_mode={a.loss_agg_mode!r} is not one of: {', '.join(AGG_MODES)}")
+    _check(a.reward_clamp is None or a.reward_clamp > 0, "algorithm.reward_clamp must be > 0 or null")
+    _check(0 <= a.clip_low < 1, "algorithm.clip_low must be in [0, 1)")
+    _check(a.clip_high >= 0, "algorithm.clip_high must be >= 0")
+    _check(a.epochs >= 1, "algorithm.epochs must be >= 1")
+    _check(a.mini_batches >= 1, "algorithm.mini_batches must be >= 1")
+    if a.scope == "group" and a.advantage not in DISTILLATION_ESTIMATORS:
+        raise ConfigError("algorithm.scope applies to distillation estimators (gndpo, opd) only")
+
+    _check(cfg.model.path not in ("", "???"), "model.path is required: a Hugging Face id or a local model directory")
+    _check(cfg.data.train not in ("", "???"), "data.train is required: a dataset file, directory or hub id")
+    if a.advantage in DISTILLATION_ESTIMATORS:
+        _check(bool(cfg.teacher.path), f"teacher.path is required by algorithm.advantage={a.advantage}")
+    _check(cfg.teacher.micro_batch_size >= 1, "teacher.micro_batch_size must be >= 1")
+
+    r = cfg.rollout
+    _check(r.n >= 1, "rollout.n must be >= 1")
+    _check(r.temperature > 0, "rollout.temperature must be > 0")
+    _check(0 < r.top_p <= 1, "rollout.top_p must be in (0, 1]")
+    _check(r.top_k >= 0, "rollout.top_k must be >= 0")
+    _check(r.max_new_tokens >= 1, "rollout.max_new_tokens must be >= 1")
+    _check(r.micro_batch_size >= 1, "rollout.micro_batch_size must be >= 1")
+    if a.advantage == "grpo":
+        _check(r.n >= 2, "rollout.n must be >= 2 for group-normalized outcome rewards (grpo)")
+
+    o = cfg.optim
+    _check(o.lr > 0, "optim.lr must be > 0")
+    _check(o.weight_decay >= 0, "optim.weight_decay must be >= 0")
+    _check(0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, "optim.beta1 and optim.beta2 must be in [0, 1)")
+    _check(o.grad_clip >= 0, "optim.grad_clip must be >= 0 (0 = off)")
+    _check(o.warmup_steps >= 0, "optim.warmup_steps must be >= 0")
+
+    t = cfg.trainer
+    _check(t.total_steps >= 1, "trainer.total_steps must be >= 1")
+    _check(t.prompts_per_step >= 1, "trainer.prompts_per_step must be >= 1")
+    _check(t.micro_batch_size >= 1, "trainer.micro_batch_size must be >= 1")
+    _check(t.threads is None or t.threads >= 1, "trainer.threads must be >= 1 or null")
+    _check(cfg.data.max_prompt_length >= 1, "data.max_prompt_length must be >= 1")
+    _check(cfg.data.limit is None or cfg.data.limit >= 1, "data.limit must be >= 1 or null")
+    # Mini-batches hold whole prompt groups, and micro-batches tile mini-batches exactly, so the
+    # accumulated gradient is the full mini-batch gradient.
+    _check(t.prompts_per_step % a.mini_batches == 0,
+           f"trainer.prompts_per_step={t.prompts_per_step} is not divisible by algorithm.mini_batches={a.mini_batches}")
+    mini = t.prompts_per_step * r.n // a.mini_batches
+    _check(mini % t.micro_batch_size == 0,
+           f"mini-batch of {mini} sequences (prompts_per_step*rollout.n/mini_batches) is not divisible by "
+           f"trainer.micro_batch_size={t.micro_batch_size}")
+    _check(cfg.checkpoint.every >= 0, "checkpoint.every must be >= 0")
+    _check(cfg.checkpoint.keep_last is None or cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last must be >= 1 or null")
+    return cfg
+
+
+def to_dict(cfg: RunConfig) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: RunConfig) -> str:
+    OmegaConf = _omegaconf()
+    return OmegaConf.to_yaml(OmegaConf.create(to_dict(cfg)))
+
+
+def help_text() -> str:
+    """Every config key with its default and help, generated from the dataclasses."""
+    lines = []
+    for section in dataclasses.fields(RunConfig):
+        cls = section.default_factory
+        lines.append(f"{section.name}:  {section.metadata.get('help', '')}")
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else "?"
+            shown = "null" if default is None else ("(required)" if default == "" else default)
+            choices = f.metadata.get("choices")
+            extra = f" [{'|'.join('null' if c is None else str(c) for c in choices)}]" if choices else ""
+            lines.append(f"  {section.name}.{f.name}={shown}{extra}  {f.metadata.get('help', '')}")
+    return "\n".join(lines)

@@ -1,0 +1,53 @@
+"""What every sampler returns, and the protocol a sampler implements (hf now; vLLM later)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, Sequence
+
+import torch
+
+from gndpo.data.records import PromptRecord
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 512
+    greedy: bool = False
+
+
+@dataclass(frozen=True)
+class Rollouts:
+    """``B = len(records) * n`` sampled responses; response ``i`` answers ``records[prompt_index[i]]``.
+
+    Responses are right-padded with the pad id; the mask covers the generated tokens up to and
+    including the first EOS (padding excluded).
+    """
+
+    records: tuple[PromptRecord, ...]  # (P,)
+    prompt_index: torch.Tensor  # (B,) long: group id of each response
+    response_ids: torch.Tensor  # (B, R) long
+    response_mask: torch.Tensor  # (B, R) bool
+    texts: tuple[str, ...]  # (B,) decoded responses, special tokens removed
+    truncated: torch.Tensor  # (B,) bool: hit max_new_tokens before EOS
+    prompt_lengths: torch.Tensor  # (B,) long: prompt tokens, images included
+
+    @property
+    def size(self) -> int:
+        return int(self.response_ids.shape[0])
+
+    def select(self, index: torch.Tensor | Sequence[int]) -> "Rollouts":
+        """Subset of responses (records kept whole, so prompt_index stays valid)."""
+        idx = torch.as_tensor(index, dtype=torch.long)
+        R = int(self.response_mask[idx].sum(-1).max().item()) if len(idx) else 0
+        R = max(R, 1)
+        return Rollouts(self.records, self.prompt_index[idx], self.response_ids[idx][:, :R],
+                        self.response_mask[idx][:, :R], tuple(self.texts[i] for i in idx.tolist()),
+                        self.truncated[idx], self.prompt_lengths[idx])
+
+
+class RolloutBackend(Protocol):
+    def generate(self, records: Sequence[PromptRecord], sampling: SamplingParams) -> Rollouts: ...

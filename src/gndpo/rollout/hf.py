@@ -1,0 +1,80 @@
+"""Reference sampler: Hugging Face ``generate`` with KV cache, batched, n samples per prompt."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from gndpo.data.records import PromptRecord
+from gndpo.forward import encode_prompts
+from gndpo.models import eos_token_ids, special_placeholder_ids, tokenizer_of
+from gndpo.rollout.base import Rollouts, SamplingParams
+
+
+def response_mask_from_ids(ids: torch.Tensor, eos_ids: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask ``(B, R)`` of tokens up to and including the first EOS, and ``(B,)`` truncation flags."""
+    is_eos = torch.isin(ids, torch.as_tensor(list(eos_ids), device=ids.device))  # (B, R)
+    seen_before = (is_eos.long().cumsum(-1) - is_eos.long()) > 0  # an EOS strictly earlier
+    mask = ~seen_before
+    truncated = ~is_eos.any(-1)
+    return mask, truncated
+
+
+class HFRollout:
+    """Samples with the student's own ``generate``; never emits image placeholders or padding."""
+
+    def __init__(self, model, processor, *, suffix: str | None, system_prompt: str | None = None,
+                 micro_batch_size: int = 64):
+        self.model = model
+        self.processor = processor
+        self.suffix = suffix
+        self.system_prompt = system_prompt
+        self.micro_batch_size = micro_batch_size
+        self.eos_ids = eos_token_ids(model, processor)
+        self.suppress = special_placeholder_ids(processor)
+        tok = tokenizer_of(processor)
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else self.eos_ids[0]
+
+    def _generation_config(self, sampling: SamplingParams, n: int):
+        from transformers import GenerationConfig
+
+        # A fresh config: the model's own generation defaults (repetition penalties, top-k...) would make
+        # the sampling distribution differ from the policy the trainer scores.
+        kw = dict(max_new_tokens=sampling.max_new_tokens, num_return_sequences=n, eos_token_id=self.eos_ids,
+                  pad_token_id=self.pad_id, suppress_tokens=self.suppress or None)
+        if sampling.greedy:
+            return GenerationConfig(do_sample=False, **kw)
+        return GenerationConfig(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p,
+                                top_k=sampling.top_k or None, **kw)
+
+    @torch.no_grad()
+    def generate(self, records: Sequence[PromptRecord], sampling: SamplingParams) -> Rollouts:
+        n = sampling.n
+        per_call = max(1, self.micro_batch_size // n)
+        device = next(self.model.parameters()).device
+        was_training = self.model.training
+        self.model.eval()
+        chunks, truncs, plens = [], [], []
+        try:
+            for i in range(0, len(records), per_call):
+                batch = records[i:i + per_call]
+                inputs = encode_prompts(self.processor, batch, suffix=self.suffix, system_prompt=self.system_prompt,
+                                        device=device)
+                P = inputs["input_ids"].shape[1]
+                out = self.model.generate(**inputs, generation_config=self._generation_config(sampling, n))
+                chunks.append(out[:, P:].cpu())  # (b*n, R_i)
+                plens.append(inputs["attention_mask"].sum(-1).repeat_interleave(n).cpu())
+        finally:
+            self.model.train(was_training)
+        R = max(max(c.shape[1] for c in chunks), 1)
+        ids = torch.cat([torch.nn.functional.pad(c, (0, R - c.shape[1]), value=self.pad_id) for c in chunks])  # (B, R)
+        mask, truncated = response_mask_from_ids(ids, self.eos_ids)
+        mask &= torch.arange(R)[None, :] < torch.tensor([c.shape[1] for c in chunks]).repeat_interleave(
+            torch.tensor([c.shape[0] for c in chunks]))[:, None]
+        ids = torch.where(mask, ids, torch.full_like(ids, self.pad_id))
+        lengths = mask.sum(-1)
+        truncated &= lengths >= sampling.max_new_tokens
+        tok = tokenizer_of(self.processor)
+        texts = tuple(tok.batch_decode([row[:int(k)] for row, k in zip(ids, lengths)], skip_special_tokens=True))
+        prompt_index = torch.arange(len(records)).repeat_interleave(n)
+        return Rollouts(tuple(records), prompt_index, ids, mask, texts, truncated, torch.cat(plens))

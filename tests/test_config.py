@@ -1,0 +1,67 @@
+"""Config: presets, overrides, validation, generated help."""
+import pytest
+
+from gndpo.config import PRESETS, help_text, load_config
+from gndpo.data.sampler import PromptSampler
+from gndpo.errors import ConfigError
+
+BASE = ["model.path=m", "teacher.path=t", "data.train=d.jsonl"]
+
+
+def test_defaults_are_table_2():
+    cfg = load_config(None, BASE)
+    assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.grad_clip) == (1e-6, 0.01, 1.0)
+    assert (cfg.trainer.prompts_per_step, cfg.rollout.n, cfg.trainer.total_steps) == (32, 16, 65)
+    assert (cfg.rollout.temperature, cfg.rollout.max_new_tokens, cfg.data.max_prompt_length) == (1.0, 16384, 8192)
+    assert cfg.algorithm.mini_batches == 1 and cfg.algorithm.epochs == 1
+    assert (cfg.algorithm.clip_low, cfg.algorithm.clip_high, cfg.algorithm.reward_clamp) == (0.2, 0.2, 5.0)
+
+
+@pytest.mark.parametrize("method", sorted(PRESETS))
+def test_presets_fill_unset_fields(method):
+    cfg = load_config(None, BASE + [f"algorithm.method={method}"])
+    for key, value in PRESETS[method].items():
+        assert getattr(cfg.algorithm, key) == value
+
+
+def test_explicit_fields_win_over_the_preset():
+    cfg = load_config(None, BASE + ["algorithm.method=gndpo", "algorithm.loss_agg_mode=token-mean",
+                                    "algorithm.policy_loss=ppo", "algorithm.scope=group"])
+    assert (cfg.algorithm.loss_agg_mode, cfg.algorithm.policy_loss, cfg.algorithm.scope) == ("token-mean", "ppo", "group")
+    assert cfg.algorithm.advantage == "gndpo"
+
+
+def test_yaml_then_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model: {path: a}\ndata: {train: x.jsonl}\nalgorithm: {method: gspo}\noptim: {lr: 2.0e-6}\n")
+    cfg = load_config(path, ["optim.lr=5e-6"])
+    assert cfg.model.path == "a" and cfg.optim.lr == 5e-6 and cfg.algorithm.advantage == "grpo"
+    assert cfg.teacher.path is None  # gspo needs no teacher
+
+
+def test_gspo_needs_two_samples():
+    with pytest.raises(ConfigError, match="rollout.n must be >= 2"):
+        load_config(None, BASE + ["algorithm.method=gspo", "rollout.n=1", "trainer.micro_batch_size=1"])
+
+
+def test_unknown_section_lists_valid_keys():
+    with pytest.raises(ConfigError, match="unknown config key 'optim.learning_rate'; valid keys under optim: lr"):
+        load_config(None, BASE + ["optim.learning_rate=1"])
+
+
+def test_help_has_every_field_with_default():
+    text = help_text()
+    assert "  algorithm.reward_clamp=5.0" in text and "  model.path=(required)" in text
+    assert "[gndpo|opd|gspo]" in text
+
+
+def test_prompt_sampler_is_seeded_resumable_and_covers_each_epoch():
+    a = PromptSampler(10, 4, seed=3)
+    first = [a.next_batch() for _ in range(5)]  # 20 prompts: two full epochs
+    assert sorted(sum(first[:2], []) + first[2][:2]) == list(range(10))
+    b = PromptSampler(10, 4, seed=3)
+    b.next_batch(), b.next_batch()
+    c = PromptSampler(10, 4, seed=3)
+    c.load_state_dict(b.state_dict())
+    assert [c.next_batch() for _ in range(3)] == first[2:]
+    assert PromptSampler(10, 4, seed=4).next_batch() != first[0]
