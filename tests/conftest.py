@@ -25,7 +25,7 @@ TEXT_CORPUS = [
 ]
 
 
-def build_bpe_tokenizer(vocab_size: int = 160, corpus=TEXT_CORPUS):
+def build_bpe_tokenizer(vocab_size: int = 300, corpus=TEXT_CORPUS):
     """A small byte-level BPE tokenizer with ChatML special tokens, trained offline on ``corpus``."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -73,7 +73,7 @@ def tiny_dir(tmp_path_factory):
     for name, hidden, layers, seed in (("text_student", 16, 1, 0), ("text_teacher", 32, 2, 1)):
         build_qwen2(tok, hidden=hidden, layers=layers, seed=seed).save_pretrained(root / name)
         tok.save_pretrained(root / name)
-    other = build_bpe_tokenizer(vocab_size=150, corpus=[c.upper() for c in TEXT_CORPUS])
+    other = build_bpe_tokenizer(vocab_size=320, corpus=[c.upper() for c in TEXT_CORPUS])
     build_qwen2(other, hidden=16, layers=1, seed=2).save_pretrained(root / "text_other_tok")
     other.save_pretrained(root / "text_other_tok")
     for kind in ("student", "teacher"):

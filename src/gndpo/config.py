@@ -242,6 +242,9 @@ def validate(cfg: RunConfig) -> RunConfig:
         for f in dataclasses.fields(sub):
             choices = f.metadata.get("choices")
             value = getattr(sub, f.name)
+            if value in ("True", "False") and "true" in (choices or ()):  # YAML booleans read into str fields
+                value = value.lower()
+                setattr(sub, f.name, value)
             if choices is not None and value not in choices:
                 shown = ", ".join("null" if c is None else str(c) for c in choices)
                 raise ConfigError(f"{section.name}.{f.name}={value!r} is not one of: {shown}")

@@ -1,0 +1,154 @@
+"""``gndpo train | eval | lab | plot``: the command line.
+
+User mistakes (bad config, missing data, incompatible models) print one ``error:`` line and exit 2.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from gndpo.errors import GndpoError
+
+_TRAIN_EPILOG = """\
+overrides are dotted key=value pairs applied after CONFIG, e.g.
+  gndpo train configs/paper/internvl3_5-1b-gndpo.yaml trainer.total_steps=10 optim.lr=2e-6
+
+config keys (defaults = the paper's Table 2):
+"""
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="gndpo: %(message)s", stream=sys.stderr)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()  # weight loading/saving bars would bury ours
+    except ImportError:  # pragma: no cover - transformers is a hard dependency
+        pass
+
+
+def _train(args: argparse.Namespace) -> int:
+    from gndpo.config import load_config, to_yaml
+
+    overrides = list(args.overrides)
+    if args.resume:
+        overrides.append("trainer.resume=true")
+    cfg = load_config(args.config, overrides)
+    if args.dry_run:
+        print(to_yaml(cfg), end="")
+        print("config is valid (dry run: no model loaded)", file=sys.stderr)
+        return 0
+    from gndpo.train import train
+
+    metrics = train(cfg)
+    print(f"done: {cfg.trainer.total_steps} steps, run directory {cfg.trainer.output_dir}; "
+          f"final loss {metrics.get('loss', float('nan')):.4g}, accuracy {metrics.get('accuracy', float('nan')):.3f}")
+    return 0
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from gndpo.report.plot import plot_run_dirs
+
+    out = Path(args.out) if args.out else Path(args.runs[0]) / "dynamics.png"
+    path = plot_run_dirs(args.runs, out, labels=args.labels, aggregate_seeds=args.aggregate_seeds)
+    print(f"wrote {path}")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from gndpo.evaluate import evaluate_cli
+
+    return evaluate_cli(args)
+
+
+def _lab(args: argparse.Namespace) -> int:
+    from gndpo.lab.run import lab_main
+
+    return lab_main(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from gndpo import __version__
+
+    parser = argparse.ArgumentParser(prog="gndpo", description="On-policy distillation with GNDPO (arXiv 2606.09091).")
+    parser.add_argument("--version", action="version", version=f"gndpo {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    from gndpo.config import help_text
+
+    p = sub.add_parser("train", help="train a student (gndpo, opd or gspo)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_TRAIN_EPILOG + help_text())
+    p.add_argument("config", nargs="?", help="YAML config file (optional: overrides alone are enough)")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    p.add_argument("--dry-run", action="store_true", help="validate and print the resolved config; load no model")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in trainer.output_dir")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("plot", help="training-dynamics PNG (loss, grad_norm, entropy) of one or more runs")
+    p.add_argument("runs", nargs="+", help="run directories (each with metrics.jsonl)")
+    p.add_argument("--out", help="output PNG (default: RUN/dynamics.png of the first run)")
+    p.add_argument("--labels", nargs="+", help="legend labels, one per run")
+    p.add_argument("--aggregate-seeds", action="store_true", help="average runs sharing a label, with a min-max band")
+    p.set_defaults(func=_plot)
+
+    p = sub.add_parser("eval", help="greedy accuracy of a model on a dataset")
+    p.add_argument("model", help="model directory or Hugging Face id (e.g. a checkpoint of a run)")
+    p.add_argument("data", help="dataset file, directory or hub id (same adapters as training)")
+    p.add_argument("--split", default="test")
+    p.add_argument("--format", default="auto")
+    p.add_argument("--prompt-key", default="problem")
+    p.add_argument("--answer-key", default="answer")
+    p.add_argument("--image-key", default="images")
+    p.add_argument("--limit", type=int, default=None, help="evaluate the first N records")
+    p.add_argument("--suffix", default="paper", help="'paper', 'none' or literal text appended to each problem")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=int, default=1024)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", help="write per-item results as JSON lines here")
+    p.set_defaults(func=_eval)
+
+    p = sub.add_parser("lab", help="the offline lab: GSPO vs OPD vs GNDPO on a synthetic multimodal task")
+    p.add_argument("action", nargs="?", default="run", choices=("run", "bootstrap"),
+                   help="run (default): the comparison; bootstrap: retrain the shipped teacher/student")
+    p.add_argument("--out", default="lab_out", help="output directory")
+    p.add_argument("--seeds", type=int, default=None, help="seeds per method")
+    p.add_argument("--steps", type=int, default=None, help="training steps per run")
+    p.add_argument("--methods", nargs="+", default=None, help="subset of gspo opd gndpo")
+    p.add_argument("--quick", action="store_true", help="smoke version (CI): few steps, small eval")
+    p.add_argument("--stress", action="store_true", help="also run the stress setting (OPD vs GNDPO at high temperature)")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap: task/model seed")
+    p.set_defaults(func=_lab)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "train":
+        # Flags may sit anywhere among the overrides; the config file is optional.
+        flags = [a for a in argv[1:] if a.startswith("-")]
+        positional = [a for a in argv[1:] if not a.startswith("-")]
+        if positional and "=" in positional[0]:
+            positional.insert(0, "")
+        argv = ["train", *flags, *positional]
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "config", None) == "":
+        args.config = None
+    _setup_logging()
+    try:
+        return int(args.func(args) or 0)
+    except GndpoError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,304 @@
+"""The training loop: rollout -> score -> advantages -> clipped policy update -> log -> checkpoint.
+
+GNDPO (arXiv 2606.09091): the per-token reward ``clamp(log p_teacher - log p_student, -5, 5)`` is z-scored
+over every response token of the batch and used as the advantage of a GSPO token-level clipped loss
+(arXiv 2507.18071). The same loop runs the paper's baselines: OPD (raw clamped log-ratio) and GSPO with
+0/1 outcome rewards normalized per prompt group.
+
+Departures from the official verl code, on purpose:
+- the loss aggregation mode is honoured (the official GSPO loss ignores it);
+- micro-batch losses are scaled by whole-mini-batch denominators, so gradient accumulation gives exactly
+  the full-batch gradient whatever the micro-batch size.
+
+This is the only module that knows the whole flow; everything it calls is a pure function or a small
+object behind a Protocol. Data-parallel runs change only ``dist`` (its ``all_reduce`` feeds the batch
+statistics and the loss denominators).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from gndpo import checkpoint as ckpt
+from gndpo.config import RunConfig, to_dict
+from gndpo.core.advantages import compute_advantages
+from gndpo.core.losses import compute_policy_loss
+from gndpo.data.loaders import load_records
+from gndpo.data.sampler import PromptSampler
+from gndpo.data.templates import PAPER_SUFFIX
+from gndpo.dist import LOCAL, DistContext
+from gndpo.errors import DataError
+from gndpo.forward import encode_prompts, prompt_lengths, repeat_for_samples, response_logprobs, rollout_logprobs
+from gndpo.models import check_compatible, load_model, resolve_device
+from gndpo.report.loggers import build_loggers
+from gndpo.rewards import get_reward
+from gndpo.rollout.base import Rollouts, SamplingParams
+from gndpo.rollout.hf import HFRollout
+from gndpo.teacher.hf import HFTeacher
+
+log = logging.getLogger("gndpo")
+
+
+@dataclass
+class StepRecord:
+    """Everything one step computed, handed to callbacks (tests, custom analysis)."""
+
+    step: int
+    rollouts: Rollouts
+    old_logprobs: torch.Tensor  # (B, R)
+    teacher_logprobs: torch.Tensor | None  # (B, R)
+    outcome_rewards: torch.Tensor  # (B,)
+    advantages: torch.Tensor  # (B, R)
+    metrics: dict = field(default_factory=dict)
+
+
+def resolve_suffix(value: str) -> str | None:
+    return {"paper": PAPER_SUFFIX, "none": None, "": None}.get(value, value)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# ---------------------------------------------------------------- phases
+
+
+def compute_step_advantages(cfg: RunConfig, rollouts: Rollouts, old_lp: torch.Tensor, teacher_lp: torch.Tensor | None,
+                            outcome: torch.Tensor, reduce) -> tuple[torch.Tensor, dict]:
+    a = cfg.algorithm
+    mask = rollouts.response_mask
+    if a.advantage == "grpo":
+        adv, metrics = compute_advantages("grpo", rewards=outcome, group_ids=rollouts.prompt_index,
+                                          response_mask=mask, norm_by_std=a.norm_by_std)
+        # The reward of an outcome run is the per-response 0/1 score; no log-ratio is clamped.
+        std = float(outcome.std()) if outcome.numel() > 1 else 0.0
+        metrics = {"reward_mean": float(outcome.mean()), "reward_std": std, "reward_min": float(outcome.min()),
+                   "reward_max": float(outcome.max()), "clamp_frac": 0.0, **metrics}
+        return adv, metrics
+    return compute_advantages(a.advantage, teacher_logprobs=teacher_lp, student_logprobs=old_lp, response_mask=mask,
+                              clamp=a.reward_clamp, scope=a.scope, group_ids=rollouts.prompt_index, reduce=reduce)
+
+
+def update_policy(cfg: RunConfig, model, processor, optimizer, scheduler, rollouts: Rollouts, old_lp: torch.Tensor,
+                  advantages: torch.Tensor, *, suffix, system_prompt, dist: DistContext, generator: torch.Generator) -> dict:
+    """Epochs x mini-batches of clipped policy-gradient steps, each accumulated over micro-batches."""
+    a, t = cfg.algorithm, cfg.trainer
+    device = next(model.parameters()).device
+    params = [p for p in model.parameters() if p.requires_grad]
+    n_groups = len(rollouts.records)
+    groups_per_mini = n_groups // a.mini_batches
+    stats: dict[str, list[float]] = {}
+    ent_sum, ent_count = 0.0, 0.0
+    model.train()
+    for epoch in range(a.epochs):
+        # Mini-batches hold whole prompt groups (group statistics stay on one rank/mini-batch).
+        group_order = torch.randperm(n_groups, generator=generator) if a.mini_batches > 1 else torch.arange(n_groups)
+        for m in range(a.mini_batches):
+            groups = group_order[m * groups_per_mini:(m + 1) * groups_per_mini]
+            seq = torch.nonzero(torch.isin(rollouts.prompt_index, groups)).flatten()  # (S,)
+            mask = rollouts.response_mask[seq]
+            # Whole-mini-batch denominators (all ranks), so the accumulated gradient is the full-batch one.
+            totals = dist.all_reduce(torch.tensor([float(mask.sum()), float(len(seq))], dtype=torch.float64))
+            optimizer.zero_grad(set_to_none=True)
+            loss_sum, mb_metrics = 0.0, []
+            for start in range(0, len(seq), t.micro_batch_size):
+                idx = seq[start:start + t.micro_batch_size]
+                part = rollouts.select(idx)
+                R = part.response_ids.shape[1]
+                inputs = encode_prompts(processor, repeat_for_samples(part.records, part.prompt_index), suffix=suffix,
+                                        system_prompt=system_prompt, device=device)
+                lp, ent = response_logprobs(model, inputs, part.response_ids.to(device), part.response_mask.to(device),
+                                            temperature=cfg.rollout.temperature, with_entropy=epoch == 0)
+                loss, lm = compute_policy_loss(
+                    a.policy_loss, old_logprobs=old_lp[idx, :R].to(device), logprobs=lp,
+                    advantages=advantages[idx, :R].to(device), response_mask=part.response_mask.to(device),
+                    clip_low=a.clip_low, clip_high=a.clip_high, agg_mode=a.loss_agg_mode,
+                    total_tokens=float(totals[0]), total_seqs=float(totals[1]),
+                    norm_length=cfg.rollout.max_new_tokens)
+                loss.backward()
+                loss_sum += float(loss.detach())
+                mb_metrics.append((float(part.response_mask.sum()), lm))
+                if ent is not None:
+                    ent_sum += float((ent * part.response_mask.to(device)).sum())
+                    ent_count += float(part.response_mask.sum())
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf)
+            grad_norm = float(grad_norm)
+            if math.isfinite(grad_norm):
+                optimizer.step()
+                scheduler.step()
+            else:  # a non-finite gradient would destroy the weights: skip this step and say so
+                log.warning("non-finite grad norm; optimizer step skipped")
+            optimizer.zero_grad(set_to_none=True)
+            stats.setdefault("loss", []).append(float(dist.all_reduce(torch.tensor(loss_sum, dtype=torch.float64))))
+            stats.setdefault("grad_norm", []).append(grad_norm)
+            stats.setdefault("update_skipped", []).append(0.0 if math.isfinite(grad_norm) else 1.0)
+            tok = sum(w for w, _ in mb_metrics) or 1.0
+            for key in mb_metrics[0][1]:
+                stats.setdefault(key, []).append(sum(w * lm[key] for w, lm in mb_metrics) / tok)
+    out = {k: float(np.mean(v)) for k, v in stats.items()}
+    out["grad_norm_max"] = float(np.max(stats["grad_norm"]))
+    out["entropy"] = ent_sum / ent_count if ent_count else float("nan")
+    out["lr"] = scheduler.get_last_lr()[0]
+    return out
+
+
+def rollout_metrics(rollouts: Rollouts, outcome: torch.Tensor) -> dict:
+    lengths = rollouts.response_mask.sum(-1).float()
+    return {
+        "accuracy": float(outcome.mean()),
+        "response_length": float(lengths.mean()),
+        "response_length_max": float(lengths.max()),
+        "truncated_frac": float(rollouts.truncated.float().mean()),
+        "prompt_length": float(rollouts.prompt_lengths.float().mean()),
+    }
+
+
+# ---------------------------------------------------------------- setup
+
+
+def read_records(cfg: RunConfig) -> list:
+    d = cfg.data
+    fmt = "auto" if d.format in ("jsonl", "parquet", "datasets") else d.format
+    return load_records(d.train, split=d.split, format=fmt, prompt_key=d.prompt_key, answer_key=d.answer_key,
+                        image_key=d.image_key, id_key=d.id_key, limit=d.limit)
+
+
+def drop_long_prompts(cfg: RunConfig, records: list, processor, suffix) -> tuple[list, int]:
+    """Records whose rendered prompt fits ``data.max_prompt_length``, and how many were skipped."""
+    d = cfg.data
+    lengths = prompt_lengths(processor, records, suffix=suffix, system_prompt=d.system_prompt)
+    keep = [r for r, n in zip(records, lengths) if n <= d.max_prompt_length]
+    skipped = len(records) - len(keep)
+    if not keep:
+        raise DataError(f"every prompt in {d.train} is longer than data.max_prompt_length={d.max_prompt_length} tokens "
+                        f"(shortest: {min(lengths)}); raise data.max_prompt_length")
+    if skipped:
+        log.warning("skipped %d of %d prompts longer than data.max_prompt_length=%d", skipped, len(records),
+                    d.max_prompt_length)
+    return keep, skipped
+
+
+def build_optimizer(cfg: RunConfig, model):
+    o = cfg.optim
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay)
+    warm = o.warmup_steps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
+    return optimizer, scheduler
+
+
+def train(cfg: RunConfig, *, dist: DistContext = LOCAL,
+          callbacks: Sequence[Callable[[StepRecord], None]] = ()) -> dict:
+    """Run (or resume) training as configured. Returns the last step's metrics."""
+    t_cfg, a = cfg.trainer, cfg.algorithm
+    if t_cfg.threads:
+        torch.set_num_threads(t_cfg.threads)
+    resume_from = ckpt.prepare_run_dir(t_cfg.output_dir, config=to_dict(cfg), resume=t_cfg.resume)
+    seed_everything(t_cfg.seed + dist.rank)
+    device = resolve_device(t_cfg.device)
+    suffix = resolve_suffix(cfg.data.prompt_suffix)
+
+    records = read_records(cfg)  # data errors surface before any model loads
+    student = load_model(cfg.model.path, what="model", dtype=cfg.model.dtype, device=device,
+                         trust_remote_code=cfg.model.trust_remote_code, attn_implementation=cfg.model.attn_implementation)
+    model, processor = student.model, student.processor
+    if cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    records, skipped_prompts = drop_long_prompts(cfg, records, processor, suffix)
+    teacher = None
+    if a.advantage in ("gndpo", "opd"):
+        tl = load_model(cfg.teacher.path, what="teacher", dtype=cfg.teacher.dtype, device=device,
+                        trust_remote_code=cfg.teacher.trust_remote_code)
+        if cfg.teacher.check_compatibility:
+            check_compatible(processor, tl.processor)
+        teacher = HFTeacher(tl.model, tl.processor, suffix=suffix, system_prompt=cfg.data.system_prompt,
+                            micro_batch_size=cfg.teacher.micro_batch_size)
+    rollout = HFRollout(model, processor, suffix=suffix, system_prompt=cfg.data.system_prompt,
+                        micro_batch_size=cfg.rollout.micro_batch_size)
+    reward_fn = get_reward(a.outcome_reward)
+    sampling = SamplingParams(n=cfg.rollout.n, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
+                              top_k=cfg.rollout.top_k, max_new_tokens=cfg.rollout.max_new_tokens)
+    optimizer, scheduler = build_optimizer(cfg, model)
+    sampler = PromptSampler(len(records), t_cfg.prompts_per_step, seed=t_cfg.seed, shuffle=cfg.data.shuffle)
+    minibatch_gen = torch.Generator().manual_seed(t_cfg.seed)
+
+    start_step = 0
+    if resume_from is not None:
+        state = ckpt.load_checkpoint(resume_from, model=model, optimizer=optimizer, scheduler=scheduler)
+        start_step = int(state["step"])
+        sampler.load_state_dict(state["sampler"])
+        minibatch_gen.set_state(state["minibatch_generator"])
+        log.info("resumed from %s at step %d", resume_from, start_step)
+
+    loggers = build_loggers(t_cfg.output_dir, tensorboard=cfg.logging.tensorboard, wandb=cfg.logging.wandb,
+                            wandb_project=cfg.logging.wandb_project, run_name=cfg.logging.run_name,
+                            config=to_dict(cfg), resume_step=start_step if resume_from is not None else None)
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=t_cfg.total_steps, initial=start_step, desc=f"{a.method}", unit="step",
+               disable=not (cfg.logging.progress and dist.is_main), dynamic_ncols=True)
+    metrics: dict = {}
+    reduce = dist.all_reduce if dist.world_size > 1 else None
+    try:
+        for step in range(start_step, t_cfg.total_steps):
+            timer = time.perf_counter()
+            batch = [records[i] for i in sampler.next_batch()]
+            rollouts = rollout.generate(batch, sampling)
+            t_rollout = time.perf_counter()
+            with torch.no_grad():
+                old_lp = rollout_logprobs(model, processor, rollouts, micro_batch_size=t_cfg.micro_batch_size,
+                                          suffix=suffix, system_prompt=cfg.data.system_prompt,
+                                          temperature=cfg.rollout.temperature)
+            t_old = time.perf_counter()
+            teacher_lp = teacher.score(rollouts) if teacher is not None else None
+            t_teacher = time.perf_counter()
+            outcome = torch.tensor(reward_fn(rollouts.texts, [r.answer for r in repeat_for_samples(
+                rollouts.records, rollouts.prompt_index)]), dtype=torch.float32)  # (B,)
+            t_reward = time.perf_counter()
+            advantages, adv_metrics = compute_step_advantages(cfg, rollouts, old_lp, teacher_lp, outcome, reduce)
+            t_adv = time.perf_counter()
+            upd = update_policy(cfg, model, processor, optimizer, scheduler, rollouts, old_lp, advantages,
+                                suffix=suffix, system_prompt=cfg.data.system_prompt, dist=dist, generator=minibatch_gen)
+            t_update = time.perf_counter()
+
+            n_tokens = int(rollouts.response_mask.sum())
+            metrics = {**upd, **adv_metrics, **rollout_metrics(rollouts, outcome),
+                       "skipped_prompts": float(skipped_prompts), "epoch": float(sampler.epoch),
+                       "time/rollout": t_rollout - timer, "time/old_logprobs": t_old - t_rollout,
+                       "time/teacher": t_teacher - t_old, "time/reward": t_reward - t_teacher,
+                       "time/advantages": t_adv - t_reward, "time/update": t_update - t_adv}
+            for cb in callbacks:
+                cb(StepRecord(step + 1, rollouts, old_lp, teacher_lp, outcome, advantages, metrics))
+            done = step + 1
+            if should_save(cfg, done):
+                ckpt.save_checkpoint(t_cfg.output_dir, done, model=model, optimizer=optimizer, scheduler=scheduler,
+                                     processor=processor, config=to_dict(cfg), keep_last=cfg.checkpoint.keep_last,
+                                     state={"step": done, "sampler": sampler.state_dict(),
+                                            "minibatch_generator": minibatch_gen.get_state()})
+            t_end = time.perf_counter()
+            metrics["time/checkpoint"] = t_end - t_update
+            metrics["time/step"] = t_end - timer
+            metrics["tokens_per_sec"] = n_tokens / max(t_end - timer, 1e-9)
+            if dist.is_main:
+                loggers.log(metrics, done)
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}", gnorm=f"{metrics['grad_norm']:.3f}",
+                            acc=f"{metrics['accuracy']:.3f}", refresh=False)
+            bar.update(1)
+    finally:
+        bar.close()
+        loggers.close()
+    return metrics
+
+
+def should_save(cfg: RunConfig, step: int) -> bool:
+    c = cfg.checkpoint
+    return (c.every > 0 and step % c.every == 0) or (c.save_final and step == cfg.trainer.total_steps)

@@ -1,0 +1,147 @@
+"""The command line: dry runs of the paper presets, help, and one-line errors for every bad input."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gndpo.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+PRESETS = sorted((ROOT / "configs" / "paper").glob("*.yaml"))
+
+
+def run_cli(args, capsys):
+    rc = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def assert_one_line_error(rc, err, *needles):
+    assert rc == 2, err
+    lines = [line for line in err.splitlines() if line.strip() and not line.startswith("gndpo:")]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+
+
+def test_nine_paper_presets_exist_and_validate_offline(capsys):
+    names = {p.name for p in PRESETS}
+    expected = {f"internvl3_5-{s}-{m}.yaml" for s in ("1b", "2b", "4b") for m in ("gspo", "opd", "gndpo")}
+    assert names == expected
+    for path in PRESETS:
+        rc, out, err = run_cli(["train", path, "--dry-run"], capsys)
+        assert rc == 0, err
+        method = path.stem.rsplit("-", 1)[1]
+        assert f"method: {method}" in out
+        assert "lr: 1.0e-06" in out and "prompts_per_step: 32" in out and "'n': 16" in out
+        assert "loss_agg_mode: seq-mean-token-mean" in out and "policy_loss: gspo_token" in out
+        assert ("advantage: grpo" if method == "gspo" else f"advantage: {method}") in out
+
+
+def test_dry_run_applies_overrides(capsys):
+    rc, out, _ = run_cli(["train", PRESETS[0], "--dry-run", "optim.lr=3e-6", "algorithm.policy_loss=ppo"], capsys)
+    assert rc == 0
+    assert "lr: 3.0e-06" in out and "policy_loss: ppo" in out
+
+
+def test_help_lists_every_config_key():
+    proc = subprocess.run([sys.executable, "-m", "gndpo.cli", "train", "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0
+    for key in ("algorithm.method", "algorithm.reward_clamp", "rollout.n", "optim.lr", "trainer.micro_batch_size",
+                "checkpoint.every", "data.max_prompt_length"):
+        assert key in proc.stdout
+
+
+def test_subprocess_error_has_no_traceback():
+    proc = subprocess.run([sys.executable, "-m", "gndpo.cli", "train", "--dry-run", "algorithm.method=ppo"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "error: algorithm.method='ppo' is not one of: gndpo, opd, gspo"]
+
+
+@pytest.mark.parametrize("overrides, needles", [
+    (["trainer.bogus=1"], ["unknown config key 'trainer.bogus'", "total_steps"]),
+    (["algorithm.method=dpo"], ["algorithm.method='dpo'", "gndpo, opd, gspo"]),
+    (["algorithm.advantage=magic"], ["algorithm.advantage='magic'"]),
+    (["rollout.temperature=0"], ["rollout.temperature must be > 0"]),
+    (["rollout.top_p=1.5"], ["rollout.top_p"]),
+    (["optim.lr=-1"], ["optim.lr must be > 0"]),
+    (["trainer.total_steps=abc"], ["trainer.total_steps"]),
+    (["trainer.micro_batch_size=5"], ["not divisible by trainer.micro_batch_size=5"]),
+    (["algorithm.mini_batches=3"], ["not divisible by algorithm.mini_batches=3"]),
+    (["teacher.path=null"], ["teacher.path is required"]),
+    (["nonsense"], ["key=value"]),
+])
+def test_config_errors(capsys, overrides, needles):
+    rc, _, err = run_cli(["train", PRESETS[0], "--dry-run", *overrides], capsys)
+    if "teacher.path" in needles[0]:  # the gspo preset needs no teacher; use a distillation preset
+        rc, _, err = run_cli(["train", [p for p in PRESETS if p.stem.endswith("-gndpo")][0], "--dry-run", *overrides],
+                             capsys)
+    assert_one_line_error(rc, err, *needles)
+
+
+def test_missing_config_file(capsys):
+    rc, _, err = run_cli(["train", "nope.yaml", "--dry-run"], capsys)
+    assert_one_line_error(rc, err, "config file not found: nope.yaml")
+
+
+# ---------------------------------------------------------------- errors that need models and data
+
+
+def base_args(tiny_dir, out, **kw):
+    args = {
+        "model.path": tiny_dir / "text_student", "teacher.path": tiny_dir / "text_teacher",
+        "data.train": tiny_dir / "text.jsonl", "data.image_key": "null", "data.prompt_suffix": "none",
+        "rollout.n": 2, "rollout.max_new_tokens": 4, "trainer.prompts_per_step": 2, "trainer.micro_batch_size": 4,
+        "trainer.total_steps": 1, "trainer.device": "cpu", "trainer.output_dir": out, "logging.progress": "false",
+        "logging.tensorboard": "false",
+    }
+    args.update(kw)
+    return ["train"] + [f"{k}={v}" for k, v in args.items()]
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.mark.slow
+def test_data_and_model_errors(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    cases = [
+        ({"data.train": tmp_path / "missing.jsonl"}, ["missing.jsonl"]),
+        ({"data.train": write_jsonl(tmp_path / "noans.jsonl", [{"problem": "1+1?"}])}, ["answer"]),
+        ({"data.train": write_jsonl(tmp_path / "noq.jsonl", [{"question": "1+1?", "answer": "2"}])}, ["problem"]),
+        ({"data.train": write_jsonl(tmp_path / "img.jsonl", [{"problem": "x", "answer": "1", "images": ["nope.png"]}]),
+          "data.image_key": "images", "model.path": tiny_dir / "vlm_student", "teacher.path": tiny_dir / "vlm_teacher"},
+         ["nope.png"]),
+        ({"model.path": tmp_path / "no_model"}, ["model path not found"]),
+        ({"teacher.path": tmp_path / "no_teacher"}, ["teacher path not found"]),
+        ({"teacher.path": tiny_dir / "text_other_tok"}, ["vocabularies differ"]),
+        ({"data.max_prompt_length": 3}, ["longer than data.max_prompt_length=3"]),
+    ]
+    (tmp_path / "garbage.png").write_bytes(b"not a png")
+    cases.append(({"data.train": write_jsonl(tmp_path / "bad.jsonl", [{"problem": "x", "answer": "1",
+                                                                        "images": ["garbage.png"]}]),
+                   "data.image_key": "images", "model.path": tiny_dir / "vlm_student",
+                   "teacher.path": tiny_dir / "vlm_teacher"}, ["garbage.png"]))
+    for i, (kw, needles) in enumerate(cases):
+        rc, _, err = run_cli(base_args(tiny_dir, tmp_path / f"run{i}", **kw), capsys)
+        assert_one_line_error(rc, err, *needles)
+        assert not (tmp_path / f"run{i}" / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_output_dir_holding_another_run(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    rc, _, err = run_cli(base_args(tiny_dir, out), capsys)
+    assert rc == 0, err
+    ckpts = sorted((out / "checkpoints").iterdir())
+    before = (ckpts[-1] / "model.safetensors").read_bytes()
+    rc, _, err = run_cli(base_args(tiny_dir, out, **{"optim.lr": 1e-3}), capsys)
+    assert_one_line_error(rc, err, "already holds a run", "resume")
+    assert (ckpts[-1] / "model.safetensors").read_bytes() == before
