@@ -145,3 +145,17 @@ def test_output_dir_holding_another_run(tiny_dir, tmp_path, capsys):
     rc, _, err = run_cli(base_args(tiny_dir, out, **{"optim.lr": 1e-3}), capsys)
     assert_one_line_error(rc, err, "already holds a run", "resume")
     assert (ckpts[-1] / "model.safetensors").read_bytes() == before
+
+
+@pytest.mark.slow
+def test_plot_overlays_runs(tiny_dir, tmp_path, capsys):
+    from PIL import Image
+
+    for name in ("a", "b"):
+        rc, _, err = run_cli(base_args(tiny_dir, tmp_path / name, **{"trainer.total_steps": 2}), capsys)
+        assert rc == 0, err
+    rc, out, err = run_cli(["plot", tmp_path / "a", tmp_path / "b", "--out", tmp_path / "dyn.png"], capsys)
+    assert rc == 0, err
+    assert Image.open(tmp_path / "dyn.png").size[0] > 600
+    rc, _, err = run_cli(["plot", tmp_path / "nothing"], capsys)
+    assert_one_line_error(rc, err, "nothing")
