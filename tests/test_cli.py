@@ -159,3 +159,16 @@ def test_plot_overlays_runs(tiny_dir, tmp_path, capsys):
     assert Image.open(tmp_path / "dyn.png").size[0] > 600
     rc, _, err = run_cli(["plot", tmp_path / "nothing"], capsys)
     assert_one_line_error(rc, err, "nothing")
+
+
+@pytest.mark.slow
+def test_resume_shorthand_continues_the_run(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    rc, _, err = run_cli(base_args(tiny_dir, out, **{"trainer.total_steps": 1}), capsys)
+    assert rc == 0, err
+    rc, _, err = run_cli(base_args(tiny_dir, out, **{"trainer.total_steps": 2}) + ["resume=true"], capsys)
+    assert rc == 0, err
+    steps = [json.loads(line)["step"] for line in open(out / "metrics.jsonl")]
+    assert steps == [1, 2]
+    rc, _, err = run_cli(base_args(tiny_dir, out, **{"trainer.total_steps": 3, "optim.lr": 0.5}) + ["--resume"], capsys)
+    assert_one_line_error(rc, err, "optim.lr")

@@ -35,7 +35,8 @@ def _setup_logging() -> None:
 def _train(args: argparse.Namespace) -> int:
     from gndpo.config import load_config, to_yaml
 
-    overrides = list(args.overrides)
+    # `resume=true` is accepted as shorthand for trainer.resume=true.
+    overrides = ["trainer." + o if o.split("=", 1)[0] == "resume" else o for o in args.overrides]
     if args.resume:
         overrides.append("trainer.resume=true")
     cfg = load_config(args.config, overrides)

@@ -291,7 +291,7 @@ def train(cfg: RunConfig, *, dist: DistContext = LOCAL,
             if dist.is_main:
                 loggers.log(metrics, done)
             bar.set_postfix(loss=f"{metrics['loss']:.4f}", gnorm=f"{metrics['grad_norm']:.3f}",
-                            acc=f"{metrics['accuracy']:.3f}", refresh=False)
+                            reward=f"{metrics['reward_mean']:.3f}", acc=f"{metrics['accuracy']:.3f}", refresh=False)
             bar.update(1)
     finally:
         bar.close()
