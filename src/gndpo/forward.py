@@ -39,6 +39,42 @@ def encode_prompts(processor, records: Sequence[PromptRecord], *, suffix: str | 
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
+def encode_each(processor, records: Sequence[PromptRecord], *, suffix: str | None,
+                system_prompt: str | None) -> list[dict[str, torch.Tensor]]:
+    """Each record's prompt encoded on its own (batch of 1), for :func:`collate_prompts` to reuse.
+
+    The processor (chat template, image resizing) then runs once per prompt and step, not once per sampled
+    response and pass.
+    """
+    return [encode_prompts(processor, [r], suffix=suffix, system_prompt=system_prompt) for r in records]
+
+
+def collate_prompts(encoded: Sequence[dict[str, torch.Tensor]], *, pad_id: int,
+                    device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """Left-padded batch from single-prompt encodings, equal to encoding the prompts together.
+
+    Tensors aligned with the token sequence are left-padded (``input_ids`` with ``pad_id``, the rest with
+    0); image tensors (pixel values, grids, sizes) are concatenated along their first dimension, which is
+    how every Hugging Face VLM processor batches them.
+    """
+    P = max(e["input_ids"].shape[1] for e in encoded)
+    out: dict[str, torch.Tensor] = {}
+    for key, first in encoded[0].items():
+        if not isinstance(first, torch.Tensor):
+            out[key] = first
+            continue
+        seq_aligned = first.dim() >= 2 and first.shape[:2] == encoded[0]["input_ids"].shape
+        if seq_aligned:
+            fill = pad_id if key == "input_ids" else 0
+            parts = [torch.nn.functional.pad(e[key], (P - e[key].shape[1], 0) if e[key].dim() == 2 else
+                                             (0, 0) * (e[key].dim() - 2) + (P - e[key].shape[1], 0), value=fill)
+                     for e in encoded]
+        else:
+            parts = [e[key] for e in encoded]
+        out[key] = torch.cat(parts, 0).to(device)
+    return out
+
+
 def prompt_lengths(processor, records: Sequence[PromptRecord], *, suffix: str | None,
                    system_prompt: str | None, batch_size: int = 64) -> list[int]:
     """Token length of each rendered prompt (image tokens included)."""
@@ -93,19 +129,28 @@ def repeat_for_samples(records: Sequence[PromptRecord], prompt_index: torch.Tens
 
 
 def rollout_logprobs(model, processor, rollouts, *, micro_batch_size: int, suffix: str | None,
-                     system_prompt: str | None, temperature: float = 1.0, chunk_size: int = 1024) -> torch.Tensor:
+                     system_prompt: str | None, temperature: float = 1.0, chunk_size: int = 1024,
+                     encoded: Sequence[dict] | None = None) -> torch.Tensor:
     """Log-probs ``(B, R)`` (float32, CPU) of every sampled response under ``model``, in micro-batches.
 
+    ``encoded``: :func:`encode_each` of ``rollouts.records`` with this processor, when the caller has it.
     Grad mode is the caller's: wrap in ``torch.no_grad()`` for scoring.
     """
     device = next(model.parameters()).device
+    if encoded is None:
+        encoded = encode_each(processor, rollouts.records, suffix=suffix, system_prompt=system_prompt)
+    pad_id = pad_token_id(processor)
     out = torch.zeros(rollouts.response_ids.shape, dtype=torch.float32)  # (B, R)
     for start in range(0, rollouts.size, micro_batch_size):
         idx = torch.arange(start, min(start + micro_batch_size, rollouts.size))
         part = rollouts.select(idx)
-        inputs = encode_prompts(processor, repeat_for_samples(part.records, part.prompt_index), suffix=suffix,
-                                system_prompt=system_prompt, device=device)
+        inputs = collate_prompts([encoded[int(i)] for i in part.prompt_index], pad_id=pad_id, device=device)
         lp, _ = response_logprobs(model, inputs, part.response_ids.to(device), part.response_mask.to(device),
                                   temperature=temperature, chunk_size=chunk_size)
         out[idx, :lp.shape[1]] = lp.float().cpu()
     return out
+
+
+def pad_token_id(processor) -> int:
+    tok = tokenizer_of(processor)
+    return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id

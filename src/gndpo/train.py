@@ -35,7 +35,8 @@ from gndpo.data.sampler import PromptSampler
 from gndpo.data.templates import PAPER_SUFFIX
 from gndpo.dist import LOCAL, DistContext
 from gndpo.errors import DataError
-from gndpo.forward import encode_prompts, prompt_lengths, repeat_for_samples, response_logprobs, rollout_logprobs
+from gndpo.forward import (collate_prompts, encode_each, pad_token_id, prompt_lengths, repeat_for_samples,
+                           response_logprobs, rollout_logprobs)
 from gndpo.models import check_compatible, load_model, resolve_device
 from gndpo.report.loggers import build_loggers
 from gndpo.rewards import get_reward
@@ -88,9 +89,13 @@ def compute_step_advantages(cfg: RunConfig, rollouts: Rollouts, old_lp: torch.Te
                               clamp=a.reward_clamp, scope=a.scope, group_ids=rollouts.prompt_index, reduce=reduce)
 
 
-def update_policy(cfg: RunConfig, model, processor, optimizer, scheduler, rollouts: Rollouts, old_lp: torch.Tensor,
-                  advantages: torch.Tensor, *, suffix, system_prompt, dist: DistContext, generator: torch.Generator) -> dict:
-    """Epochs x mini-batches of clipped policy-gradient steps, each accumulated over micro-batches."""
+def update_policy(cfg: RunConfig, model, optimizer, scheduler, rollouts: Rollouts, encoded: Sequence[dict],
+                  old_lp: torch.Tensor, advantages: torch.Tensor, *, pad_id: int, dist: DistContext,
+                  generator: torch.Generator) -> dict:
+    """Epochs x mini-batches of clipped policy-gradient steps, each accumulated over micro-batches.
+
+    ``encoded``: the prompts of ``rollouts.records`` encoded once by :func:`encode_each`.
+    """
     a, t = cfg.algorithm, cfg.trainer
     device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
@@ -114,8 +119,7 @@ def update_policy(cfg: RunConfig, model, processor, optimizer, scheduler, rollou
                 idx = seq[start:start + t.micro_batch_size]
                 part = rollouts.select(idx)
                 R = part.response_ids.shape[1]
-                inputs = encode_prompts(processor, repeat_for_samples(part.records, part.prompt_index), suffix=suffix,
-                                        system_prompt=system_prompt, device=device)
+                inputs = collate_prompts([encoded[int(i)] for i in part.prompt_index], pad_id=pad_id, device=device)
                 lp, ent = response_logprobs(model, inputs, part.response_ids.to(device), part.response_mask.to(device),
                                             temperature=cfg.rollout.temperature, with_entropy=epoch == 0)
                 loss, lm = compute_policy_loss(
@@ -254,10 +258,11 @@ def train(cfg: RunConfig, *, dist: DistContext = LOCAL,
             batch = [records[i] for i in sampler.next_batch()]
             rollouts = rollout.generate(batch, sampling)
             t_rollout = time.perf_counter()
+            encoded = encode_each(processor, rollouts.records, suffix=suffix, system_prompt=cfg.data.system_prompt)
             with torch.no_grad():
                 old_lp = rollout_logprobs(model, processor, rollouts, micro_batch_size=t_cfg.micro_batch_size,
                                           suffix=suffix, system_prompt=cfg.data.system_prompt,
-                                          temperature=cfg.rollout.temperature)
+                                          temperature=cfg.rollout.temperature, encoded=encoded)
             t_old = time.perf_counter()
             teacher_lp = teacher.score(rollouts) if teacher is not None else None
             t_teacher = time.perf_counter()
@@ -266,8 +271,8 @@ def train(cfg: RunConfig, *, dist: DistContext = LOCAL,
             t_reward = time.perf_counter()
             advantages, adv_metrics = compute_step_advantages(cfg, rollouts, old_lp, teacher_lp, outcome, reduce)
             t_adv = time.perf_counter()
-            upd = update_policy(cfg, model, processor, optimizer, scheduler, rollouts, old_lp, advantages,
-                                suffix=suffix, system_prompt=cfg.data.system_prompt, dist=dist, generator=minibatch_gen)
+            upd = update_policy(cfg, model, optimizer, scheduler, rollouts, encoded, old_lp, advantages,
+                                pad_id=pad_token_id(processor), dist=dist, generator=minibatch_gen)
             t_update = time.perf_counter()
 
             n_tokens = int(rollouts.response_mask.sum())

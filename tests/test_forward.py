@@ -1,0 +1,72 @@
+"""Prompt encoding, response log-probs and the sampler agree with plain Hugging Face computations."""
+import pytest
+import torch
+
+from gndpo.data.loaders import load_records
+from gndpo.forward import collate_prompts, encode_each, encode_prompts, pad_token_id, rollout_logprobs
+from gndpo.models import load_model
+from gndpo.rollout.base import Rollouts, SamplingParams
+from gndpo.rollout.hf import HFRollout, response_mask_from_ids
+
+
+@pytest.fixture(scope="module", params=["text", "vlm"])
+def setup(request, tiny_dir):
+    kind = request.param
+    loaded = load_model(str(tiny_dir / f"{kind}_student"))
+    if kind == "text":
+        records = load_records(str(tiny_dir / "text.jsonl"), image_key=None)[:5]
+    else:
+        records = load_records(str(tiny_dir / "vlm" / "train.jsonl"))[:5]
+    return loaded, records
+
+
+def test_collated_single_encodings_equal_batched_encoding(setup):
+    loaded, records = setup
+    batched = encode_prompts(loaded.processor, records, suffix="Go.", system_prompt=None)
+    each = encode_each(loaded.processor, records, suffix="Go.", system_prompt=None)
+    collated = collate_prompts(each, pad_id=pad_token_id(loaded.processor))
+    assert batched.keys() == collated.keys()
+    for key in batched:
+        assert torch.equal(batched[key], collated[key]), key
+
+
+def test_recomputed_logprobs_equal_the_samplers_own(setup):
+    """On-policy: the trainer's recomputed log-probs equal those of the distribution generate() sampled from."""
+    loaded, records = setup
+    model, processor = loaded.model, loaded.processor
+    sampler = HFRollout(model, processor, suffix=None, micro_batch_size=8)
+    inputs = encode_prompts(processor, records, suffix=None, system_prompt=None)
+    config = sampler._generation_config(SamplingParams(n=1, max_new_tokens=6), 1)
+    config.return_dict_in_generate, config.output_logits = True, True
+    torch.manual_seed(0)
+    out = model.generate(**inputs, generation_config=config)
+    resp = out.sequences[:, inputs["input_ids"].shape[1]:]
+    sampled_lp = torch.stack([torch.log_softmax(x.float(), -1) for x in out.logits], 1).gather(-1, resp[..., None])[..., 0]
+    mask, truncated = response_mask_from_ids(resp, sampler.eos_ids)
+    rollouts = Rollouts(tuple(records), torch.arange(len(records)), resp, mask, ("",) * len(records), truncated,
+                        torch.zeros(len(records)))
+    with torch.no_grad():
+        lp = rollout_logprobs(model, processor, rollouts, micro_batch_size=2, suffix=None, system_prompt=None)
+    torch.testing.assert_close(lp * mask, sampled_lp * mask, rtol=0, atol=1e-5)
+
+
+def test_sampler_masks_eos_and_never_emits_placeholders(setup):
+    loaded, records = setup
+    sampler = HFRollout(loaded.model, loaded.processor, suffix=None, micro_batch_size=8)
+    torch.manual_seed(1)
+    ro = sampler.generate(records, SamplingParams(n=3, temperature=1.5, max_new_tokens=12))
+    assert ro.response_ids.shape[0] == 15 and ro.prompt_index.tolist() == [i for i in range(5) for _ in range(3)]
+    assert not torch.isin(ro.response_ids[ro.response_mask], torch.tensor(sampler.suppress)).any()
+    lengths = ro.response_mask.sum(-1)
+    for row, n, trunc in zip(ro.response_ids, lengths, ro.truncated):
+        if not trunc:  # ends with EOS, included in the mask
+            assert int(row[n - 1]) in sampler.eos_ids
+        else:
+            assert int(n) == 12
+
+
+def test_response_mask_from_ids_hand_example():
+    ids = torch.tensor([[5, 2, 7, 2], [5, 6, 7, 8]])
+    mask, truncated = response_mask_from_ids(ids, [2])
+    assert mask.tolist() == [[True, True, False, False], [True, True, True, True]]
+    assert truncated.tolist() == [False, True]
