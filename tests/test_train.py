@@ -114,3 +114,13 @@ def test_gradient_accumulation_equals_full_batch(tiny_dir, tmp_path):
         rows[micro] = read_jsonl(out / "metrics.jsonl")[0]
     for key in ("loss", "grad_norm", "entropy", "reward_mean"):
         assert rows[8][key] == pytest.approx(rows[2][key], rel=1e-4, abs=1e-6), key
+
+
+def test_epochs_and_mini_batches_change_the_update(tiny_dir, tmp_path):
+    weights = {}
+    for name, extra in {"base": [], "epochs": ["algorithm.epochs=2"], "minis": ["algorithm.mini_batches=2"]}.items():
+        out = tmp_path / name
+        train(make_cfg(tiny_dir, out, steps=1, extra=extra))
+        weights[name] = final_weights(out, 1)
+    for other in ("epochs", "minis"):
+        assert any(not torch.equal(weights["base"][k], weights[other][k]) for k in weights["base"]), other
