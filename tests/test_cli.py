@@ -172,3 +172,14 @@ def test_resume_shorthand_continues_the_run(tiny_dir, tmp_path, capsys):
     assert steps == [1, 2]
     rc, _, err = run_cli(base_args(tiny_dir, out, **{"trainer.total_steps": 3, "optim.lr": 0.5}) + ["--resume"], capsys)
     assert_one_line_error(rc, err, "optim.lr")
+
+
+@pytest.mark.slow
+def test_eval_command(tiny_dir, tmp_path, capsys):
+    rc, out, err = run_cli(["eval", tiny_dir / "vlm_student", tiny_dir / "vlm" / "test.jsonl", "--split", "test",
+                            "--max-new-tokens", "4", "--suffix", "none", "--out", tmp_path / "items.jsonl"], capsys)
+    assert rc == 0, err
+    assert "accuracy" in out and "on 8 items" in out
+    assert len((tmp_path / "items.jsonl").read_text().splitlines()) == 8
+    rc, _, err = run_cli(["eval", tiny_dir / "vlm_student", tmp_path / "nope.jsonl"], capsys)
+    assert_one_line_error(rc, err, "nope.jsonl")

@@ -62,9 +62,27 @@ def _plot(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from gndpo.evaluate import evaluate_cli
+    import json
 
-    return evaluate_cli(args)
+    from gndpo.data.loaders import load_records
+    from gndpo.evaluate import greedy_accuracy
+    from gndpo.models import load_model, resolve_device
+    from gndpo.train import resolve_suffix
+
+    records = load_records(args.data, split=args.split, format=args.format, prompt_key=args.prompt_key,
+                           answer_key=args.answer_key, image_key=None if args.image_key == "null" else args.image_key,
+                           limit=args.limit)
+    loaded = load_model(args.model, device=resolve_device(args.device))
+    result = greedy_accuracy(loaded.model, loaded.processor, records, batch_size=args.batch_size,
+                             max_new_tokens=args.max_new_tokens, suffix=resolve_suffix(args.suffix))
+    if args.out:
+        with open(args.out, "w") as f:
+            for rec, text, ok in zip(records, result["responses"], result["correct"]):
+                f.write(json.dumps({"id": rec.id, "answer": rec.answer, "response": text, "correct": ok}) + "\n")
+    print(f"accuracy {100 * result['accuracy']:.2f}% on {result['n']} items ({args.data}, split {args.split}); "
+          f"format {100 * result['format_rate']:.1f}%, mean length {result['mean_response_length']:.1f} tokens, "
+          f"truncated {100 * result['truncated_rate']:.1f}%")
+    return 0
 
 
 def _lab(args: argparse.Namespace) -> int:
