@@ -37,11 +37,16 @@ def test_recomputed_logprobs_equal_the_samplers_own(setup):
     sampler = HFRollout(model, processor, suffix=None, micro_batch_size=8)
     inputs = encode_prompts(processor, records, suffix=None, system_prompt=None)
     config = sampler._generation_config(SamplingParams(n=1, max_new_tokens=6), 1)
-    config.return_dict_in_generate, config.output_logits = True, True
+    config.return_dict_in_generate, config.output_logits, config.output_scores = True, True, True
     torch.manual_seed(0)
     out = model.generate(**inputs, generation_config=config)
     resp = out.sequences[:, inputs["input_ids"].shape[1]:]
     sampled_lp = torch.stack([torch.log_softmax(x.float(), -1) for x in out.logits], 1).gather(-1, resp[..., None])[..., 0]
+    # The distribution actually sampled from (after every logits processor) must be the full softmax, up to
+    # the tiny mass of the suppressed placeholder/pad tokens: no hidden top-k or top-p truncation.
+    processed_lp = torch.stack([torch.log_softmax(x.float(), -1) for x in out.scores], 1).gather(-1, resp[..., None])[..., 0]
+    valid = response_mask_from_ids(resp, sampler.eos_ids)[0]
+    assert ((processed_lp - sampled_lp).abs() * valid).max() < 0.05
     mask, truncated = response_mask_from_ids(resp, sampler.eos_ids)
     rollouts = Rollouts(tuple(records), torch.arange(len(records)), resp, mask, ("",) * len(records), truncated,
                         torch.zeros(len(records)))

@@ -44,8 +44,10 @@ class HFRollout:
                   pad_token_id=self.pad_id, suppress_tokens=self.suppress or None)
         if sampling.greedy:
             return GenerationConfig(do_sample=False, **kw)
+        # top_k=0 (not None): None lets transformers fill in its default top-k of 50, which would sample from
+        # a truncated distribution while the trainer scores the full one.
         return GenerationConfig(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p,
-                                top_k=sampling.top_k or None, **kw)
+                                top_k=sampling.top_k, **kw)
 
     @torch.no_grad()
     def generate(self, records: Sequence[PromptRecord], sampling: SamplingParams) -> Rollouts:
