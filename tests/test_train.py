@@ -124,3 +124,18 @@ def test_epochs_and_mini_batches_change_the_update(tiny_dir, tmp_path):
         weights[name] = final_weights(out, 1)
     for other in ("epochs", "minis"):
         assert any(not torch.equal(weights["base"][k], weights[other][k]) for k in weights["base"]), other
+
+
+def test_skipping_the_redundant_old_logprob_pass_keeps_results(tiny_dir, tmp_path):
+    rows = {}
+    for reuse in ("true", "false"):
+        out = tmp_path / reuse
+        train(make_cfg(tiny_dir, out, method="gspo", steps=2, extra=[f"algorithm.reuse_logprobs={reuse}"]))
+        rows[reuse] = read_jsonl(out / "metrics.jsonl")
+    for a, b in zip(rows["true"], rows["false"]):
+        for key in ("loss", "grad_norm", "entropy", "accuracy"):
+            assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-7), key
+    assert rows["true"][0]["clip_frac"] == 0.0
+    a, b = final_weights(tmp_path / "true", 2), final_weights(tmp_path / "false", 2)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)

@@ -88,6 +88,9 @@ class AlgorithmConfig:
     clip_high: float = _f(0.2, "Upper clip epsilon of the ratio.")
     outcome_reward: str = _f("math", "Outcome reward for gspo and for accuracy metrics.", choices=("math", "math_format"))
     norm_by_std: bool = _f(True, "grpo: divide group-centred rewards by the group std.")
+    reuse_logprobs: bool = _f(True, "Skip the separate old log-prob pass where it is redundant: outcome-reward "
+                              "advantages with one update per batch, whose ratio is exactly 1 (the update's own "
+                              "log-probs, detached, are the old ones).")
     epochs: int = _f(1, "Passes over each rollout batch.")
     mini_batches: int = _f(1, "Optimizer steps per rollout batch and epoch (paper: 1).")
 

@@ -90,11 +90,12 @@ def compute_step_advantages(cfg: RunConfig, rollouts: Rollouts, old_lp: torch.Te
 
 
 def update_policy(cfg: RunConfig, model, optimizer, scheduler, rollouts: Rollouts, encoded: Sequence[dict],
-                  old_lp: torch.Tensor, advantages: torch.Tensor, *, pad_id: int, dist: DistContext,
+                  old_lp: torch.Tensor | None, advantages: torch.Tensor, *, pad_id: int, dist: DistContext,
                   generator: torch.Generator) -> dict:
     """Epochs x mini-batches of clipped policy-gradient steps, each accumulated over micro-batches.
 
-    ``encoded``: the prompts of ``rollouts.records`` encoded once by :func:`encode_each`.
+    ``encoded``: the prompts of ``rollouts.records`` encoded once by :func:`encode_each`. ``old_lp`` None:
+    the first forward's own log-probs, detached, serve as the old policy's (exact for a single update).
     """
     a, t = cfg.algorithm, cfg.trainer
     device = next(model.parameters()).device
@@ -122,8 +123,9 @@ def update_policy(cfg: RunConfig, model, optimizer, scheduler, rollouts: Rollout
                 inputs = collate_prompts([encoded[int(i)] for i in part.prompt_index], pad_id=pad_id, device=device)
                 lp, ent = response_logprobs(model, inputs, part.response_ids.to(device), part.response_mask.to(device),
                                             temperature=cfg.rollout.temperature, with_entropy=epoch == 0)
+                old = lp.detach() if old_lp is None else old_lp[idx, :R].to(device)
                 loss, lm = compute_policy_loss(
-                    a.policy_loss, old_logprobs=old_lp[idx, :R].to(device), logprobs=lp,
+                    a.policy_loss, old_logprobs=old, logprobs=lp,
                     advantages=advantages[idx, :R].to(device), response_mask=part.response_mask.to(device),
                     clip_low=a.clip_low, clip_high=a.clip_high, agg_mode=a.loss_agg_mode,
                     total_tokens=float(totals[0]), total_seqs=float(totals[1]),
@@ -153,6 +155,12 @@ def update_policy(cfg: RunConfig, model, optimizer, scheduler, rollouts: Rollout
     out["entropy"] = ent_sum / ent_count if ent_count else float("nan")
     out["lr"] = scheduler.get_last_lr()[0]
     return out
+
+
+def old_logprobs_redundant(cfg: RunConfig) -> bool:
+    """True when the pre-update log-probs are needed only as the ratio's denominator of a single update."""
+    a = cfg.algorithm
+    return a.reuse_logprobs and a.advantage == "grpo" and a.epochs == 1 and a.mini_batches == 1
 
 
 def rollout_metrics(rollouts: Rollouts, outcome: torch.Tensor) -> dict:
@@ -259,10 +267,12 @@ def train(cfg: RunConfig, *, dist: DistContext = LOCAL,
             rollouts = rollout.generate(batch, sampling)
             t_rollout = time.perf_counter()
             encoded = encode_each(processor, rollouts.records, suffix=suffix, system_prompt=cfg.data.system_prompt)
-            with torch.no_grad():
-                old_lp = rollout_logprobs(model, processor, rollouts, micro_batch_size=t_cfg.micro_batch_size,
-                                          suffix=suffix, system_prompt=cfg.data.system_prompt,
-                                          temperature=cfg.rollout.temperature, encoded=encoded)
+            old_lp = None  # taken from the update's own forward when the separate pass is redundant
+            if not old_logprobs_redundant(cfg):
+                with torch.no_grad():
+                    old_lp = rollout_logprobs(model, processor, rollouts, micro_batch_size=t_cfg.micro_batch_size,
+                                              suffix=suffix, system_prompt=cfg.data.system_prompt,
+                                              temperature=cfg.rollout.temperature, encoded=encoded)
             t_old = time.perf_counter()
             teacher_lp = teacher.score(rollouts) if teacher is not None else None
             t_teacher = time.perf_counter()
