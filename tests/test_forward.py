@@ -75,3 +75,37 @@ def test_response_mask_from_ids_hand_example():
     mask, truncated = response_mask_from_ids(ids, [2])
     assert mask.tolist() == [[True, True, False, False], [True, True, True, True]]
     assert truncated.tolist() == [False, True]
+
+
+def test_shared_prefix_path_equals_one_row_per_response(setup):
+    """Running each prompt once (KV cache shared by its samples) gives the same log-probs and gradients."""
+    from gndpo.forward import micro_batch_inputs, response_logprobs, shares_prefixes
+
+    loaded, records = setup
+    model, processor = loaded.model, loaded.processor
+    assert shares_prefixes(model)
+    sampler = HFRollout(model, processor, suffix=None, micro_batch_size=16)
+    torch.manual_seed(2)
+    ro = sampler.generate(records[:3], SamplingParams(n=3, max_new_tokens=7))
+    encoded = encode_each(processor, ro.records, suffix=None, system_prompt=None)
+    pad = pad_token_id(processor)
+    results = []
+    for shared in (True, False):
+        model.zero_grad()
+        if shared:
+            inputs, rows = micro_batch_inputs(model, encoded, ro.prompt_index, pad_id=pad, device="cpu")
+            assert inputs["input_ids"].shape[0] == 3 and rows is not None
+        else:
+            inputs, rows = collate_prompts([encoded[int(i)] for i in ro.prompt_index], pad_id=pad), None
+        lp, ent = response_logprobs(model, inputs, ro.response_ids, ro.response_mask, prompt_index=rows,
+                                    with_entropy=True)
+        (lp.sum() + 0.0).backward()
+        grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+        results.append((lp.detach(), ent, grads))
+    (lp_a, ent_a, g_a), (lp_b, ent_b, g_b) = results
+    torch.testing.assert_close(lp_a, lp_b, rtol=0, atol=1e-5)
+    torch.testing.assert_close(ent_a, ent_b, rtol=0, atol=1e-5)
+    assert len(g_a) == len(g_b)
+    for a, b in zip(g_a, g_b):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    model.zero_grad()

@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import inspect
 from typing import Any, Sequence
 
 import torch
@@ -90,37 +91,100 @@ def _uses_rope_index(base) -> bool:
     return hasattr(base, "get_rope_index")
 
 
-def response_logprobs(model, prompt_inputs: dict[str, Any], response_ids: torch.Tensor, response_mask: torch.Tensor,
-                      *, temperature: float = 1.0, with_entropy: bool = False, chunk_size: int = 1024):
-    """Log-probs ``(B, R)`` of ``response_ids`` given the prompts, and optionally token entropies ``(B, R)``.
-
-    ``prompt_inputs`` are left-padded ``(B, P)``; responses are right-padded ``(B, R)``. Positions outside
-    ``response_mask`` hold 0. Gradients flow when called under grad mode.
-    """
-    input_ids = torch.cat([prompt_inputs["input_ids"], response_ids], dim=1)  # (B, P+R)
-    attention = torch.cat([prompt_inputs["attention_mask"], response_mask.to(prompt_inputs["attention_mask"].dtype)], 1)
-    extra = {k: v for k, v in prompt_inputs.items() if k not in ("input_ids", "attention_mask")}
-    P, R = prompt_inputs["input_ids"].shape[1], response_ids.shape[1]
+def _head(model):
+    """``(base model, LM head)`` when the head is a plain linear layer on the base's last hidden state."""
     base = getattr(model, "model", None)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     softcap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
-    if not _uses_rope_index(base if base is not None else model):
-        extra["position_ids"] = (attention.long().cumsum(-1) - 1).clamp(min=0)  # left padding aware
-    if base is not None and head is not None and softcap is None and isinstance(head, torch.nn.Linear):
+    if base is None or softcap is not None or not isinstance(head, torch.nn.Linear):
+        return None, None
+    return base, head
+
+
+def shares_prefixes(model) -> bool:
+    """Whether :func:`response_logprobs` can run each prompt once for all its samples (KV cache reuse)."""
+    base, _ = _head(model)
+    checkpointing = getattr(model, "is_activation_checkpointing", None)
+    if checkpointing is None:  # transformers < 5.24
+        checkpointing = getattr(model, "is_gradient_checkpointing", False)
+    return base is not None and not _uses_rope_index(base) and not checkpointing
+
+
+def response_logprobs(model, prompt_inputs: dict[str, Any], response_ids: torch.Tensor, response_mask: torch.Tensor,
+                      *, prompt_index: torch.Tensor | None = None, temperature: float = 1.0,
+                      with_entropy: bool = False, chunk_size: int = 1024):
+    """Log-probs ``(B, R)`` of ``response_ids`` given the prompts, and optionally token entropies ``(B, R)``.
+
+    ``prompt_inputs`` are left-padded ``(U, P)``; responses are right-padded ``(B, R)``; response ``b``
+    answers prompt ``prompt_index[b]`` (default: ``U == B``, row b). With ``U < B`` (only when
+    :func:`shares_prefixes`), each prompt runs once and its KV cache serves all its samples. Positions outside
+    ``response_mask`` hold 0. Gradients flow when called under grad mode.
+    """
+    B, R = response_ids.shape
+    rows = torch.arange(B, device=response_ids.device) if prompt_index is None else prompt_index
+    base, head = _head(model)
+    if base is not None and shares_prefixes(model) and prompt_inputs["input_ids"].shape[0] < B:
+        h = _shared_prefix_hidden(base, prompt_inputs, rows, response_ids, response_mask)
+    elif prompt_inputs["input_ids"].shape[0] != B:
+        raise ValueError("prompt_inputs must hold one row per response unless the model shares prefixes")
+    elif base is not None:
+        P = prompt_inputs["input_ids"].shape[1]
+        input_ids, attention, extra = _joint_inputs(model, prompt_inputs, response_ids, response_mask)
         hidden = base(input_ids=input_ids, attention_mask=attention, use_cache=False, **extra).last_hidden_state
         h = hidden[:, P - 1:P + R - 1]  # (B, R, H): the state that predicts each response token
-        lp, ent = hidden_logprobs(h, head.weight, response_ids, bias=head.bias, temperature=temperature,
-                                  chunk_size=chunk_size, with_entropy=with_entropy)
     else:  # generic path: logits of the response positions only
+        input_ids, attention, extra = _joint_inputs(model, prompt_inputs, response_ids, response_mask)
         logits = model(input_ids=input_ids, attention_mask=attention, use_cache=False, logits_to_keep=R + 1,
                        **extra).logits[:, :-1]  # (B, R, V)
         lp = token_logprobs(logits, response_ids, temperature=temperature)
         ent = token_entropy(logits.detach(), temperature=temperature) if with_entropy else None
-    mask = response_mask.bool()
-    lp = torch.where(mask, lp.float(), torch.zeros_like(lp, dtype=torch.float32))
-    if ent is not None:
-        ent = torch.where(mask, ent.float(), torch.zeros_like(ent, dtype=torch.float32))
-    return lp, ent
+        return _masked(lp, response_mask), None if ent is None else _masked(ent, response_mask)
+    lp, ent = hidden_logprobs(h, head.weight, response_ids, bias=head.bias, temperature=temperature,
+                              chunk_size=chunk_size, with_entropy=with_entropy)
+    return _masked(lp, response_mask), None if ent is None else _masked(ent, response_mask)
+
+
+def _masked(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return torch.where(mask.bool(), x.float(), torch.zeros_like(x, dtype=torch.float32))
+
+
+def _joint_inputs(model, prompt_inputs, response_ids, response_mask):
+    """Prompt + response as one left/right-padded sequence ``(B, P+R)`` with left-padding-aware positions."""
+    input_ids = torch.cat([prompt_inputs["input_ids"], response_ids], dim=1)  # (B, P+R)
+    attention = torch.cat([prompt_inputs["attention_mask"], response_mask.to(prompt_inputs["attention_mask"].dtype)], 1)
+    extra = {k: v for k, v in prompt_inputs.items() if k not in ("input_ids", "attention_mask")}
+    if not _uses_rope_index(getattr(model, "model", model)):
+        extra["position_ids"] = (attention.long().cumsum(-1) - 1).clamp(min=0)
+    return input_ids, attention, extra
+
+
+def _shared_prefix_hidden(base, prompt_inputs, rows, response_ids, response_mask) -> torch.Tensor:
+    """Hidden states ``(B, R, H)`` predicting each response token, running each of the U prompts once."""
+    attn_p = prompt_inputs["attention_mask"]  # (U, P)
+    extra = {k: v for k, v in prompt_inputs.items() if k not in ("input_ids", "attention_mask")}
+    pos_p = (attn_p.long().cumsum(-1) - 1).clamp(min=0)
+    out_p = base(input_ids=prompt_inputs["input_ids"], attention_mask=attn_p, position_ids=pos_p, use_cache=True,
+                 **extra)
+    cache = getattr(out_p, "cache", None) or out_p.past_key_values  # renamed in transformers 5.24
+    cache.batch_select_indices(rows)  # (U, ...) -> (B, ...): each sample reads its prompt's keys/values
+    R = response_ids.shape[1]
+    attention = torch.cat([attn_p[rows], response_mask.to(attn_p.dtype)], 1)  # (B, P+R)
+    pos_r = attn_p.long().sum(-1)[rows, None] + torch.arange(R, device=attn_p.device)  # (B, R)
+    cache_arg = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+    out_r = base(input_ids=response_ids, attention_mask=attention, position_ids=pos_r, use_cache=True,
+                 **{cache_arg: cache})
+    # the prompt's last state predicts the first response token; response states predict the rest
+    return torch.cat([out_p.last_hidden_state[rows, -1:], out_r.last_hidden_state[:, :-1]], 1)
+
+
+def micro_batch_inputs(model, encoded: Sequence[dict], prompt_index: torch.Tensor, *, pad_id: int,
+                       device) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+    """Prompt inputs for a micro-batch of responses: unique prompts + row map when prefixes are shared."""
+    if shares_prefixes(model):
+        unique, rows = torch.unique(prompt_index, return_inverse=True)
+        if len(unique) < len(prompt_index):
+            return collate_prompts([encoded[int(u)] for u in unique], pad_id=pad_id, device=device), rows.to(device)
+    return collate_prompts([encoded[int(i)] for i in prompt_index], pad_id=pad_id, device=device), None
 
 
 def repeat_for_samples(records: Sequence[PromptRecord], prompt_index: torch.Tensor) -> list[PromptRecord]:
@@ -144,9 +208,9 @@ def rollout_logprobs(model, processor, rollouts, *, micro_batch_size: int, suffi
     for start in range(0, rollouts.size, micro_batch_size):
         idx = torch.arange(start, min(start + micro_batch_size, rollouts.size))
         part = rollouts.select(idx)
-        inputs = collate_prompts([encoded[int(i)] for i in part.prompt_index], pad_id=pad_id, device=device)
+        inputs, rows = micro_batch_inputs(model, encoded, part.prompt_index, pad_id=pad_id, device=device)
         lp, _ = response_logprobs(model, inputs, part.response_ids.to(device), part.response_mask.to(device),
-                                  temperature=temperature, chunk_size=chunk_size)
+                                  prompt_index=rows, temperature=temperature, chunk_size=chunk_size)
         out[idx, :lp.shape[1]] = lp.float().cpu()
     return out
 

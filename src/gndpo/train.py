@@ -35,7 +35,7 @@ from gndpo.data.sampler import PromptSampler
 from gndpo.data.templates import PAPER_SUFFIX
 from gndpo.dist import LOCAL, DistContext
 from gndpo.errors import DataError
-from gndpo.forward import (collate_prompts, encode_each, pad_token_id, prompt_lengths, repeat_for_samples,
+from gndpo.forward import (encode_each, micro_batch_inputs, pad_token_id, prompt_lengths, repeat_for_samples,
                            response_logprobs, rollout_logprobs)
 from gndpo.models import check_compatible, load_model, resolve_device
 from gndpo.report.loggers import build_loggers
@@ -120,9 +120,10 @@ def update_policy(cfg: RunConfig, model, optimizer, scheduler, rollouts: Rollout
                 idx = seq[start:start + t.micro_batch_size]
                 part = rollouts.select(idx)
                 R = part.response_ids.shape[1]
-                inputs = collate_prompts([encoded[int(i)] for i in part.prompt_index], pad_id=pad_id, device=device)
+                inputs, rows = micro_batch_inputs(model, encoded, part.prompt_index, pad_id=pad_id, device=device)
                 lp, ent = response_logprobs(model, inputs, part.response_ids.to(device), part.response_mask.to(device),
-                                            temperature=cfg.rollout.temperature, with_entropy=epoch == 0)
+                                            prompt_index=rows, temperature=cfg.rollout.temperature,
+                                            with_entropy=epoch == 0)
                 old = lp.detach() if old_lp is None else old_lp[idx, :R].to(device)
                 loss, lm = compute_policy_loss(
                     a.policy_loss, old_logprobs=old, logprobs=lp,
