@@ -1,7 +1,9 @@
-"""Greedy benchmark evaluation: batched, left-padded ``generate`` and a per-response reward.
+"""Greedy benchmark evaluation: the training sampler run greedily, and a per-response reward.
 
 The paper evaluates with temperature 0.6 / top-p 0.95 (arXiv 2606.09091, Table 3); this module is the
-deterministic greedy variant, used by the lab to measure checkpoints and by tests.
+deterministic greedy variant, used by ``gndpo eval``, the lab and tests. Generation goes through the same
+:class:`~gndpo.rollout.hf.HFRollout` as training, so prompts, EOS handling and suppressed placeholder tokens
+are identical.
 """
 from __future__ import annotations
 
@@ -11,45 +13,10 @@ import torch
 from tqdm.auto import tqdm
 
 from gndpo.data.records import PromptRecord
-from gndpo.data.templates import PAPER_SUFFIX, build_messages
+from gndpo.data.templates import PAPER_SUFFIX
 from gndpo.rewards.math import format_reward, math_reward
-
-def _as_list(x) -> list[int]:
-    if x is None:
-        return []
-    return [int(i) for i in x] if isinstance(x, (list, tuple)) else [int(x)]
-
-
-def suppressed_token_ids(model, processor) -> list[int]:
-    """Token ids generation must never emit: multimodal placeholders and padding (unless padding is an EOS)."""
-    tokenizer = getattr(processor, "tokenizer", processor)
-    eos = set(_as_list(model.generation_config.eos_token_id)) | set(_as_list(tokenizer.eos_token_id))
-    ids = set()
-    for name in ("image_token_id", "video_token_id"):
-        for owner in (processor, tokenizer, model.config):
-            ids.update(_as_list(getattr(owner, name, None)))
-    if tokenizer.pad_token_id is not None and tokenizer.pad_token_id not in eos:
-        ids.add(tokenizer.pad_token_id)
-    return sorted(ids - eos)
-
-
-def encode_prompts(processor, records: Sequence[PromptRecord], *, suffix: str | None, system_prompt: str | None):
-    """Chat-templated, left-padded model inputs (input_ids, attention_mask, pixel_values when there are images)."""
-    texts = [
-        processor.apply_chat_template(
-            build_messages(r, suffix=suffix, system_prompt=system_prompt), add_generation_prompt=True, tokenize=False
-        )
-        for r in records
-    ]
-    images = [image for r in records for image in r.images]
-    kwargs = dict(padding=True, padding_side="left", add_special_tokens=False, return_tensors="pt")
-    if images:
-        if not hasattr(processor, "image_processor"):
-            raise ValueError("records carry images but the processor is a text-only tokenizer")
-        return processor(text=texts, images=images, **kwargs)
-    if hasattr(processor, "image_processor"):
-        return processor(text=texts, **kwargs)
-    return processor(texts, **kwargs)
+from gndpo.rollout.base import SamplingParams
+from gndpo.rollout.hf import HFRollout
 
 
 @torch.inference_mode()
@@ -72,39 +39,17 @@ def greedy_accuracy(
     per-item lists ``correct``, ``rewards`` and ``responses`` (generated part only, special tokens skipped).
     ``processor`` may be a multimodal processor or a plain tokenizer.
     """
-    tokenizer = getattr(processor, "tokenizer", processor)
-    eos_ids = sorted(set(_as_list(model.generation_config.eos_token_id)) | set(_as_list(tokenizer.eos_token_id)))
-    if not eos_ids:
-        raise ValueError("neither the model's generation config nor the tokenizer names an EOS token")
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
-    suppress = suppressed_token_ids(model, processor)
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-
-    rewards: list[float] = []
+    sampler = HFRollout(model, processor, suffix=suffix, system_prompt=system_prompt, micro_batch_size=batch_size)
+    sampling = SamplingParams(n=1, max_new_tokens=max_new_tokens, greedy=True)
     responses: list[str] = []
     lengths: list[int] = []
     truncated: list[bool] = []
-    batches = range(0, len(records), batch_size)
-    for start in tqdm(batches, desc="eval", unit="batch", disable=not progress, leave=False):
-        batch = records[start:start + batch_size]
-        inputs = encode_prompts(processor, batch, suffix=suffix, system_prompt=system_prompt).to(device)
-        out_BT = model.generate(
-            **inputs, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos_ids, pad_token_id=pad_id,
-            suppress_tokens=suppress or None,
-        )
-        new_BT = out_BT[:, inputs["input_ids"].shape[1]:].cpu()
-        for row, record in zip(new_BT.tolist(), batch):
-            end = next((i + 1 for i, t in enumerate(row) if t in eos_ids), None)
-            truncated.append(end is None)
-            tokens = row[:end] if end is not None else row
-            lengths.append(len(tokens))
-            text = tokenizer.decode(tokens, skip_special_tokens=True)
-            responses.append(text)
-            rewards.append(float(reward(text, record.answer)))
-    if was_training:
-        model.train()
+    for start in tqdm(range(0, len(records), batch_size), desc="eval", unit="batch", disable=not progress, leave=False):
+        rollouts = sampler.generate(records[start:start + batch_size], sampling)
+        responses.extend(rollouts.texts)
+        lengths.extend(int(n) for n in rollouts.response_mask.sum(-1))
+        truncated.extend(bool(t) for t in rollouts.truncated)
+    rewards = [float(reward(text, record.answer)) for text, record in zip(responses, records)]
 
     n = len(records)
     return {

@@ -2,7 +2,8 @@
 import torch
 
 from gndpo.data.records import PromptRecord
-from gndpo.evaluate import greedy_accuracy, suppressed_token_ids
+from gndpo.evaluate import greedy_accuracy
+from gndpo.models import special_placeholder_ids
 from gndpo.lab import tiny
 
 RECORDS = [
@@ -38,9 +39,9 @@ def test_reward_and_answers_are_passed_through():
 
 def test_image_and_pad_tokens_are_suppressed():
     model, tok = tiny.build_tiny_causal_lm(seed=0)
-    assert suppressed_token_ids(model, tok) == [tok.pad_token_id, tok.convert_tokens_to_ids("<image>")]
+    assert special_placeholder_ids(tok) == [tok.pad_token_id, tok.convert_tokens_to_ids("<image>")]
     vlm, processor = tiny.build_tiny_vlm("student", seed=0)
-    assert suppressed_token_ids(vlm, processor) == [0, 3]
+    assert special_placeholder_ids(processor) == [0, 3]
     # A zero final norm makes every logit 0: greedy would pick token 0 (the pad) forever. Suppressed, it falls
     # to the next id, <|im_start|> (1), which is special: the decoded response is empty and never stops.
     with torch.no_grad():

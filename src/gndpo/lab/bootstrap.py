@@ -27,7 +27,8 @@ import torch
 from tqdm.auto import tqdm
 
 from gndpo.data.loaders import load_records
-from gndpo.evaluate import encode_prompts, greedy_accuracy
+from gndpo.evaluate import greedy_accuracy
+from gndpo.forward import encode_prompts
 from gndpo.lab import task as lab_task
 from gndpo.lab.tiny import SIZES, build_tiny_vlm, num_parameters
 

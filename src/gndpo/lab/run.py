@@ -162,7 +162,9 @@ def lab_main(args) -> int:
     plan = plan_from_args(args)
     if not (assets_dir() / "student" / "config.json").is_file():
         raise GndpoError(f"lab checkpoints missing in {assets_dir()}; run `gndpo lab bootstrap` to create them")
-    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    # Tiny models: one thread is as fast as two, and immune to OpenMP oversubscription on busy cores
+    # (two spinning threads on a core another process holds run 10-30x slower).
+    torch.set_num_threads(1)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
