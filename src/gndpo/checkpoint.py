@@ -38,6 +38,8 @@ import numpy as np
 import torch
 import yaml
 
+from gndpo.atomic import atomic_write_text as _atomic_write_text
+from gndpo.atomic import fsync_dir as _fsync_dir
 from gndpo.errors import GndpoError
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -60,35 +62,12 @@ def checkpoint_path(run_dir: str | Path, step: int) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------- file safety
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _fsync_tree(root: Path) -> None:
     for dirpath, _, filenames in os.walk(root):
         for name in filenames:
             with open(os.path.join(dirpath, name), "rb") as f:
                 os.fsync(f.fileno())
         _fsync_dir(Path(dirpath))
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 def _dump_yaml(config: Mapping) -> str:

@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 from typing import Any, Mapping, Protocol, Sequence, runtime_checkable
 
+from gndpo.atomic import atomic_write_text as _atomic_write_text
 from gndpo.errors import GndpoError
 
 METRICS_FILE = "metrics.jsonl"
@@ -37,15 +38,6 @@ def _scalar(value: Any) -> Any:
     if hasattr(value, "item"):  # torch / numpy scalars
         return value.item()
     return float(value)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _parse_lines(path: Path) -> list[dict]:
