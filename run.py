@@ -29,8 +29,8 @@ def _python() -> Path:
     return VENV / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
 
 
-def _fingerprint() -> str:
-    h = hashlib.sha256()
+def _fingerprint(extras: str) -> str:
+    h = hashlib.sha256(extras.encode())
     for f in (ROOT / "pyproject.toml", CONSTRAINTS):
         h.update(f.read_bytes())
     return h.hexdigest()
@@ -42,16 +42,16 @@ def _pip(*args: str) -> None:
     subprocess.run(cmd, check=True)
 
 
-def ensure_venv() -> Path:
+def ensure_venv(extras: str = "dev") -> Path:
     if not _python().exists():
         print(f"creating virtualenv in {VENV} (first run only; torch is a large install, a few minutes)", flush=True)
         venv.EnvBuilder(with_pip=True).create(VENV)
-    if STAMP.exists() and STAMP.read_text() == _fingerprint():
+    if STAMP.exists() and STAMP.read_text() in (_fingerprint(extras), _fingerprint("dev,bench")):
         return _python()
     # torch first and pinned, so no later requirement can pull a different build.
     _pip("-q", "-c", str(CONSTRAINTS), "torch", "torchvision")
-    _pip("-q", "-c", str(CONSTRAINTS), "-e", f"{ROOT}[dev]")
-    STAMP.write_text(_fingerprint())
+    _pip("-q", "-c", str(CONSTRAINTS), "-e", f"{ROOT}[{extras}]")
+    STAMP.write_text(_fingerprint(extras))
     return _python()
 
 
@@ -60,7 +60,7 @@ def main(argv: list[str]) -> int:
         print(__doc__)
         return 0 if argv else 2
     cmd, rest = argv[0], argv[1:]
-    py = str(ensure_venv())
+    py = str(ensure_venv("dev,bench" if cmd == "bench" else "dev"))
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     if cmd == "test":
         rc = subprocess.call([py, "-m", "pytest", *rest], cwd=ROOT, env=env)
