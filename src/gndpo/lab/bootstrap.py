@@ -234,7 +234,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", default=str(ASSETS_DIR), help="output directory (default: package assets)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads (0: torch's default). The shipped weights were made with 1; with 2 "
+                        help="torch CPU threads (0: torch's default). The shipped weights were made with 2; with 2 "
                              "threads a run is 10-25x slower whenever another process holds one of two cores")
     parser.add_argument("--only", choices=["teacher", "student"], help="bootstrap one model only")
     args = parser.parse_args(argv)
