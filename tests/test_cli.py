@@ -111,7 +111,6 @@ def write_jsonl(path, rows):
 
 @pytest.mark.slow
 def test_data_and_model_errors(tiny_dir, tmp_path, capsys):
-    out = tmp_path / "run"
     cases = [
         ({"data.train": tmp_path / "missing.jsonl"}, ["missing.jsonl"]),
         ({"data.train": write_jsonl(tmp_path / "noans.jsonl", [{"problem": "1+1?"}])}, ["answer"]),

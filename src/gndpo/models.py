@@ -5,7 +5,6 @@ teacher: if the two tokenize differently, every reward is silently wrong.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any

@@ -24,7 +24,6 @@ code, arXiv 2606.09091) with the same values; only the memory schedule differs.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 # Chunks of at most this many float32 logits (128 MiB) when ``chunk_size`` is None.
 _CHUNK_ELEMENTS = 2**25

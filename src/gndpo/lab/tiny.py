@@ -5,7 +5,6 @@ Teacher and student share one tokenizer (identical vocabulary and chat template)
 """
 from __future__ import annotations
 
-import string
 
 import torch
 from tokenizers import AddedToken, Tokenizer, decoders, models

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import os
 from pathlib import Path
 from typing import Any, Mapping, Protocol, Sequence, runtime_checkable
 

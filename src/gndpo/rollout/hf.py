@@ -56,7 +56,7 @@ class HFRollout:
         device = next(self.model.parameters()).device
         was_training = self.model.training
         self.model.eval()
-        chunks, truncs, plens = [], [], []
+        chunks, plens = [], []
         try:
             for i in range(0, len(records), per_call):
                 batch = records[i:i + per_call]
