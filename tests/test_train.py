@@ -139,3 +139,18 @@ def test_skipping_the_redundant_old_logprob_pass_keeps_results(tiny_dir, tmp_pat
     a, b = final_weights(tmp_path / "true", 2), final_weights(tmp_path / "false", 2)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+
+
+def test_rollout_engine_option_changes_draws_not_the_policy(tiny_dir, tmp_path):
+    """loop and generate sample the same distribution with different draws; the loop also reports its own
+    log-probs, which match the trainer's recomputation (the rollouts are exactly on-policy)."""
+    seen = {}
+    for engine in ("loop", "generate"):
+        out = tmp_path / engine
+        recs = []
+        train(make_cfg(tiny_dir, out, steps=1, extra=[f"rollout.engine={engine}"]), callbacks=[recs.append])
+        seen[engine] = (recs[0], read_jsonl(out / "metrics.jsonl")[0])
+    (loop, loop_row), (gen, gen_row) = seen["loop"], seen["generate"]
+    assert loop_row["rollout/logprob_diff_max"] < 1e-4
+    assert "rollout/logprob_diff_max" not in gen_row
+    assert loop.rollouts.texts != gen.rollouts.texts

@@ -64,13 +64,17 @@ class DataConfig:
 
 @dataclass
 class RolloutConfig:
-    backend: str = _f("hf", "Sampler: hf = Hugging Face generate with KV cache.", choices=("hf",))
+    backend: str = _f("hf", "Sampler: hf = the in-process Hugging Face student.", choices=("hf",))
+    engine: str = _f("loop", "hf backend: loop = gndpo's KV-cache decode loop (each prompt prefilled once for "
+                     "its n samples, finished rows leave the batch; models with their own position scheme, "
+                     "such as Qwen-VL, use generate); generate = transformers generate. Same distribution.",
+                     choices=("loop", "generate"))
     n: int = _f(16, "Responses sampled per prompt (G).")
     temperature: float = _f(1.0, "Sampling temperature.")
     top_p: float = _f(1.0, "Nucleus sampling threshold.")
     top_k: int = _f(0, "Top-k sampling; 0 = off.")
     max_new_tokens: int = _f(16384, "Maximum response length in tokens.")
-    micro_batch_size: int = _f(64, "Sequences generated per generate() call.")
+    micro_batch_size: int = _f(64, "Sequences decoded together (prompts per call = this // n).")
 
 
 @dataclass

@@ -164,15 +164,21 @@ def old_logprobs_redundant(cfg: RunConfig) -> bool:
     return a.reuse_logprobs and a.advantage == "grpo" and a.epochs == 1 and a.mini_batches == 1
 
 
-def rollout_metrics(rollouts: Rollouts, outcome: torch.Tensor) -> dict:
+def rollout_metrics(rollouts: Rollouts, outcome: torch.Tensor, old_lp: torch.Tensor | None = None) -> dict:
     lengths = rollouts.response_mask.sum(-1).float()
-    return {
+    out = {
         "accuracy": float(outcome.mean()),
         "response_length": float(lengths.mean()),
         "response_length_max": float(lengths.max()),
         "truncated_frac": float(rollouts.truncated.float().mean()),
         "prompt_length": float(rollouts.prompt_lengths.float().mean()),
     }
+    if old_lp is not None and rollouts.sampler_logprobs is not None:
+        # sampler vs trainer log-probs of the same tokens: ~1e-6 when both run the same fp32 model; a
+        # large value means the rollouts are off-policy (dtype, kernels or a stale sampler)
+        diff = (old_lp - rollouts.sampler_logprobs).abs()[rollouts.response_mask]
+        out["rollout/logprob_diff_max"] = float(diff.max()) if diff.numel() else 0.0
+    return out
 
 
 # ---------------------------------------------------------------- setup
@@ -236,7 +242,7 @@ def train(cfg: RunConfig, *, dist: DistContext = LOCAL,
         teacher = HFTeacher(tl.model, tl.processor, suffix=suffix, system_prompt=cfg.data.system_prompt,
                             micro_batch_size=cfg.teacher.micro_batch_size)
     rollout = HFRollout(model, processor, suffix=suffix, system_prompt=cfg.data.system_prompt,
-                        micro_batch_size=cfg.rollout.micro_batch_size)
+                        micro_batch_size=cfg.rollout.micro_batch_size, engine=cfg.rollout.engine)
     reward_fn = get_reward(a.outcome_reward)
     sampling = SamplingParams(n=cfg.rollout.n, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
                               top_k=cfg.rollout.top_k, max_new_tokens=cfg.rollout.max_new_tokens)
@@ -265,9 +271,9 @@ def train(cfg: RunConfig, *, dist: DistContext = LOCAL,
         for step in range(start_step, t_cfg.total_steps):
             timer = time.perf_counter()
             batch = [records[i] for i in sampler.next_batch()]
-            rollouts = rollout.generate(batch, sampling)
+            encoded = encode_each(processor, batch, suffix=suffix, system_prompt=cfg.data.system_prompt)
+            rollouts = rollout.generate(batch, sampling, encoded=encoded)
             t_rollout = time.perf_counter()
-            encoded = encode_each(processor, rollouts.records, suffix=suffix, system_prompt=cfg.data.system_prompt)
             old_lp = None  # taken from the update's own forward when the separate pass is redundant
             if not old_logprobs_redundant(cfg):
                 with torch.no_grad():
@@ -287,7 +293,7 @@ def train(cfg: RunConfig, *, dist: DistContext = LOCAL,
             t_update = time.perf_counter()
 
             n_tokens = int(rollouts.response_mask.sum())
-            metrics = {**upd, **adv_metrics, **rollout_metrics(rollouts, outcome),
+            metrics = {**upd, **adv_metrics, **rollout_metrics(rollouts, outcome, old_lp),
                        "skipped_prompts": float(skipped_prompts), "epoch": float(sampler.epoch),
                        "time/rollout": t_rollout - timer, "time/old_logprobs": t_old - t_rollout,
                        "time/teacher": t_teacher - t_old, "time/reward": t_reward - t_teacher,

@@ -34,6 +34,9 @@ class Rollouts:
     texts: tuple[str, ...]  # (B,) decoded responses, special tokens removed
     truncated: torch.Tensor  # (B,) bool: hit max_new_tokens before EOS
     prompt_lengths: torch.Tensor  # (B,) long: prompt tokens, images included
+    # (B, R) float32: the sampler's own log-prob of each token at the sampling temperature (0 outside the
+    # mask), where the backend reports it; the trainer recomputes log-probs and only compares against these.
+    sampler_logprobs: torch.Tensor | None = None
 
     @property
     def size(self) -> int:
@@ -46,7 +49,8 @@ class Rollouts:
         R = max(R, 1)
         return Rollouts(self.records, self.prompt_index[idx], self.response_ids[idx][:, :R],
                         self.response_mask[idx][:, :R], tuple(self.texts[i] for i in idx.tolist()),
-                        self.truncated[idx], self.prompt_lengths[idx])
+                        self.truncated[idx], self.prompt_lengths[idx],
+                        None if self.sampler_logprobs is None else self.sampler_logprobs[idx][:, :R])
 
 
 class RolloutBackend(Protocol):

@@ -1,4 +1,4 @@
-"""Reference sampler: Hugging Face ``generate`` with KV cache, batched, n samples per prompt."""
+"""Sampler on the in-process Hugging Face student: gndpo's decode loop, or ``transformers.generate``."""
 from __future__ import annotations
 
 from typing import Sequence
@@ -6,9 +6,12 @@ from typing import Sequence
 import torch
 
 from gndpo.data.records import PromptRecord
-from gndpo.forward import encode_prompts
+from gndpo.forward import collate_prompts, encode_prompts
 from gndpo.models import eos_token_ids, special_placeholder_ids, tokenizer_of
 from gndpo.rollout.base import Rollouts, SamplingParams
+from gndpo.rollout.decode import decode, supports_decode_loop
+
+ENGINES = ("loop", "generate")
 
 
 def response_mask_from_ids(ids: torch.Tensor, eos_ids: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -21,11 +24,19 @@ def response_mask_from_ids(ids: torch.Tensor, eos_ids: Sequence[int]) -> tuple[t
 
 
 class HFRollout:
-    """Samples with the student's own ``generate``; never emits image placeholders or padding."""
+    """Samples ``n`` responses per prompt from the student; never emits image placeholders or padding.
+
+    ``engine="loop"`` (default) runs :func:`gndpo.rollout.decode.decode`, which prefills each prompt once
+    for its samples; models it cannot drive (Qwen-VL's multimodal RoPE, encoder-decoders) fall back to
+    ``transformers.generate``, which ``engine="generate"`` always uses. Both sample the same distribution.
+    """
 
     def __init__(self, model, processor, *, suffix: str | None, system_prompt: str | None = None,
-                 micro_batch_size: int = 64):
+                 micro_batch_size: int = 64, engine: str = "loop"):
+        if engine not in ENGINES:
+            raise ValueError(f"unknown rollout engine {engine!r}; choose one of {', '.join(ENGINES)}")
         self.model = model
+        self.engine = engine
         self.processor = processor
         self.suffix = suffix
         self.system_prompt = system_prompt
@@ -50,21 +61,34 @@ class HFRollout:
                                 top_k=sampling.top_k, **kw)
 
     @torch.no_grad()
-    def generate(self, records: Sequence[PromptRecord], sampling: SamplingParams) -> Rollouts:
+    def generate(self, records: Sequence[PromptRecord], sampling: SamplingParams, *,
+                 encoded: Sequence[dict] | None = None) -> Rollouts:
+        """``encoded``: :func:`gndpo.forward.encode_each` of ``records`` with this processor, if the caller
+        has it (saves encoding the prompts twice)."""
         n = sampling.n
         per_call = max(1, self.micro_batch_size // n)
         device = next(self.model.parameters()).device
         was_training = self.model.training
         self.model.eval()
-        chunks, plens = [], []
+        chunks, plens, lps = [], [], []
         try:
             for i in range(0, len(records), per_call):
                 batch = records[i:i + per_call]
-                inputs = encode_prompts(self.processor, batch, suffix=self.suffix, system_prompt=self.system_prompt,
-                                        device=device)
-                P = inputs["input_ids"].shape[1]
-                out = self.model.generate(**inputs, generation_config=self._generation_config(sampling, n))
-                chunks.append(out[:, P:].cpu())  # (b*n, R_i)
+                if encoded is not None:
+                    inputs = collate_prompts(encoded[i:i + per_call], pad_id=self.pad_id, device=device)
+                else:
+                    inputs = encode_prompts(self.processor, batch, suffix=self.suffix,
+                                            system_prompt=self.system_prompt, device=device)
+                if self.engine == "loop" and supports_decode_loop(self.model, inputs):
+                    ids, lp = decode(self.model, inputs, sampling, eos_ids=self.eos_ids, pad_id=self.pad_id,
+                                     suppress=self.suppress)
+                    chunks.append(ids)  # (b*n, R_i)
+                    lps.append(lp)
+                else:
+                    P = inputs["input_ids"].shape[1]
+                    k = 1 if sampling.greedy else n  # generate() refuses greedy with n > 1: the n are equal
+                    out = self.model.generate(**inputs, generation_config=self._generation_config(sampling, k))
+                    chunks.append(out[:, P:].repeat_interleave(n // k, 0).cpu())  # (b*n, R_i)
                 plens.append(inputs["attention_mask"].sum(-1).repeat_interleave(n).cpu())
         finally:
             self.model.train(was_training)
@@ -79,4 +103,8 @@ class HFRollout:
         tok = tokenizer_of(self.processor)
         texts = tuple(tok.batch_decode([row[:int(k)] for row, k in zip(ids, lengths)], skip_special_tokens=True))
         prompt_index = torch.arange(len(records)).repeat_interleave(n)
-        return Rollouts(tuple(records), prompt_index, ids, mask, texts, truncated, torch.cat(plens))
+        sampler_lp = None
+        if len(lps) == len(chunks):  # every chunk came from the decode loop
+            sampler_lp = torch.cat([torch.nn.functional.pad(x, (0, R - x.shape[1])) for x in lps])
+            sampler_lp = torch.where(mask, sampler_lp, torch.zeros_like(sampler_lp))
+        return Rollouts(tuple(records), prompt_index, ids, mask, texts, truncated, torch.cat(plens), sampler_lp)

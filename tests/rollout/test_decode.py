@@ -1,0 +1,150 @@
+"""gndpo's decode loop samples the distribution the trainer scores, and equals ``generate`` when greedy."""
+import pytest
+import torch
+
+from gndpo.data.loaders import load_records
+from gndpo.forward import encode_prompts, rollout_logprobs
+from gndpo.models import load_model
+from gndpo.rollout.base import SamplingParams
+from gndpo.rollout.decode import decode, filter_logits, sample_tokens, supports_decode_loop
+from gndpo.rollout.hf import HFRollout
+
+
+@pytest.fixture(scope="module", params=["text", "vlm"])
+def setup(request, tiny_dir):
+    kind = request.param
+    loaded = load_model(str(tiny_dir / f"{kind}_student"))
+    if kind == "text":
+        records = load_records(str(tiny_dir / "text.jsonl"), image_key=None)[:5]
+    else:
+        records = load_records(str(tiny_dir / "vlm" / "train.jsonl"))[:5]
+    return loaded, records
+
+
+def _frequent_eos(model, processor, records, k: int = 12) -> list[int]:
+    """Ids the tiny random model emits often, used as extra EOS ids so rows end at different steps."""
+    inputs = encode_prompts(processor, records, suffix=None, system_prompt=None)
+    with torch.no_grad():
+        logits = model(**inputs).logits[:, -1]  # (U, V)
+    return torch.topk(logits.softmax(-1).mean(0), k).indices.tolist()
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    logits = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log()
+    kept = lambda p: torch.isfinite(filter_logits(logits, SamplingParams(top_p=p))).tolist()[0]  # noqa: E731
+    assert kept(0.8) == [True, True, False, False]  # 0.5 + 0.3 reaches 0.8 (to float precision)
+    assert kept(0.81) == [True, True, True, False]
+    assert kept(0.1) == [True, False, False, False]  # the most likely token always stays
+    assert kept(1.0) == [True] * 4
+
+
+def test_top_k_keeps_ties_and_suppression_removes_ids():
+    logits = torch.tensor([[3.0, 1.0, 2.0, 2.0, 0.0]])
+    out = filter_logits(logits, SamplingParams(top_k=2), suppress=[0])
+    # token 0 is suppressed first, so the top-2 of the rest are the tied 2.0s
+    assert torch.isfinite(out).tolist()[0] == [False, False, True, True, False]
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 5, 1.0), (1.3, 0, 0.9), (0.6, 20, 0.95)])
+def test_filter_logits_equals_transformers_warpers(temperature, top_k, top_p):
+    from transformers.generation.logits_process import (TemperatureLogitsWarper, TopKLogitsWarper,
+                                                        TopPLogitsWarper)
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(16, 50, generator=g) * 3
+    ref = logits / temperature if temperature != 1.0 else logits.clone()
+    if top_k:
+        ref = TopKLogitsWarper(top_k)(None, ref)
+    if top_p < 1.0:
+        ref = TopPLogitsWarper(top_p)(None, ref)
+    ours = filter_logits(logits, SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p))
+    assert torch.equal(torch.isfinite(ours), torch.isfinite(ref))
+    torch.testing.assert_close(ours.softmax(-1), ref.softmax(-1), rtol=0, atol=1e-6)
+
+
+def test_inverse_cdf_draws_follow_the_probabilities():
+    probs = torch.tensor([0.5, 0.25, 0.0, 0.125, 0.0625, 0.0625])
+    logits = probs.log().expand(200_000, -1)  # the zero-probability token has logit -inf
+    draws = sample_tokens(logits, generator=torch.Generator().manual_seed(0))
+    freq = torch.bincount(draws, minlength=6).double() / draws.numel()
+    assert freq[2] == 0
+    # 4.5 standard errors of a binomial proportion at p=0.5 and N=200k is 0.005
+    torch.testing.assert_close(freq, probs.double(), rtol=0, atol=0.005)
+    assert sample_tokens(torch.tensor([[0.1, 2.0, -1.0]]), greedy=True).tolist() == [1]
+
+
+def test_decode_first_token_distribution_matches_the_model(setup):
+    loaded, records = setup
+    model, processor = loaded.model, loaded.processor
+    sampling = SamplingParams(n=4000, temperature=0.7, top_k=20, max_new_tokens=1)
+    inputs = encode_prompts(processor, records[:1], suffix=None, system_prompt=None)
+    with torch.no_grad():
+        probs = filter_logits(model(**inputs).logits[:, -1], sampling).softmax(-1)[0]  # (V,)
+    torch.manual_seed(0)
+    ids, _ = decode(model, inputs, sampling, eos_ids=[-1], pad_id=0)
+    assert ids.shape == (4000, 1)
+    assert bool((probs[ids[:, 0]] > 0).all())  # only top-20 tokens are drawn
+    freq = torch.bincount(ids[:, 0], minlength=probs.numel()).float() / 4000
+    assert 0.5 * (freq - probs).abs().sum() < 0.06  # total variation; ~0.03 expected from 4000 draws
+
+
+def test_decode_logprobs_equal_the_trainers_recomputation(setup):
+    """Shared prefill, EOS rows leaving the batch mid-way and left padding keep every conditional right."""
+    loaded, records = setup
+    model, processor = loaded.model, loaded.processor
+    sampler = HFRollout(model, processor, suffix=None, micro_batch_size=12)  # 4 prompts per call, 2 calls
+    sampler.eos_ids = _frequent_eos(model, processor, records)
+    torch.manual_seed(3)
+    ro = sampler.generate(records, SamplingParams(n=3, temperature=1.3, max_new_tokens=9))
+    lengths = ro.response_mask.sum(-1)
+    assert lengths.min() < lengths.max() and bool(ro.truncated.any()) and not bool(ro.truncated.all())
+    with torch.no_grad():
+        lp = rollout_logprobs(model, processor, ro, micro_batch_size=4, suffix=None, system_prompt=None,
+                              temperature=1.3)
+    assert ro.sampler_logprobs is not None
+    torch.testing.assert_close(ro.sampler_logprobs, lp, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_greedy_loop_equals_generate(setup, n):
+    loaded, records = setup
+    model, processor = loaded.model, loaded.processor
+    eos = _frequent_eos(model, processor, records, k=4)
+    outs = []
+    for engine in ("loop", "generate"):
+        sampler = HFRollout(model, processor, suffix=None, micro_batch_size=6, engine=engine)
+        sampler.eos_ids = eos
+        outs.append(sampler.generate(records, SamplingParams(n=n, max_new_tokens=10, greedy=True)))
+    loop, gen = outs
+    assert loop.sampler_logprobs is not None and gen.sampler_logprobs is None
+    assert torch.equal(loop.response_ids, gen.response_ids)
+    assert torch.equal(loop.response_mask, gen.response_mask)
+    assert loop.texts == gen.texts and torch.equal(loop.truncated, gen.truncated)
+    assert torch.equal(loop.prompt_lengths, gen.prompt_lengths)
+
+
+def test_loop_is_seeded_and_differs_from_generate_in_draws(setup):
+    loaded, records = setup
+    model, processor = loaded.model, loaded.processor
+    sampling = SamplingParams(n=4, max_new_tokens=8)
+    runs = {}
+    for engine in ("loop", "loop", "generate"):
+        torch.manual_seed(5)
+        ro = HFRollout(model, processor, suffix=None, engine=engine).generate(records, sampling)
+        runs.setdefault(engine, []).append(ro.response_ids)
+    assert torch.equal(runs["loop"][0], runs["loop"][1])
+    assert not torch.equal(runs["loop"][0], runs["generate"][0])  # same distribution, different draws
+
+
+def test_supports_decode_loop(setup):
+    loaded, records = setup
+    inputs = encode_prompts(loaded.processor, records, suffix=None, system_prompt=None)
+    assert supports_decode_loop(loaded.model, inputs)
+    # a sequence-aligned input the loop would have to extend at every step: leave it to generate()
+    assert not supports_decode_loop(loaded.model, {**inputs, "token_type_ids": torch.zeros_like(inputs["input_ids"])})
+
+
+def test_unknown_engine_is_a_clear_error(setup):
+    loaded, _ = setup
+    with pytest.raises(ValueError, match="unknown rollout engine 'vllm'; choose one of loop, generate"):
+        HFRollout(loaded.model, loaded.processor, suffix=None, engine="vllm")
