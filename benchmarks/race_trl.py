@@ -16,9 +16,9 @@ and thread count. Pairs raced:
 
 TRL's DistillationTrainer samples one completion per prompt, so it gets each prompt repeated ``n`` times: both
 tools then generate ``prompts x n`` sequences per step in one ``generate`` call. Every response has exactly
-``max_new_tokens`` tokens on both sides: the student's ``generation_config.json`` carries ``min_new_tokens``
-(gndpo's sampler inherits it through transformers' config merge) and TRL gets the same value in
-``generation_kwargs``; the table reports the completion tokens each tool logged. Throughput is completion
+``max_new_tokens`` tokens on both sides: gndpo gets ``rollout.min_new_tokens=max_new_tokens``, TRL the same value
+in ``generation_kwargs`` (and the student's ``generation_config.json`` carries it too); the table reports the
+completion tokens each tool logged. Throughput is completion
 tokens per second of wall time of a whole optimizer step.
 
 Method:
@@ -29,7 +29,9 @@ Method:
 - step times are measured the same way for both tools, step 1 is excluded, medians are over steady steps;
   the ratio is taken per pair of adjacent steps (same load), then its median; rounds of fresh processes
   alternate which tool goes first;
-- ``GenerationMixin.generate`` is wrapped in every worker to time generation identically for both tools;
+- generation is timed by wrapping the call that turns encoded prompts into sampled ids: TRL's
+  ``GenerationMixin.generate``, gndpo's ``gndpo.rollout.decode.decode`` (or ``generate`` with
+  ``--gndpo-engine generate``); prompt encoding and text decoding are outside both;
 - every worker runs with ``OMP_WAIT_POLICY=PASSIVE`` (``--omp-wait-policy``): on this 2-core machine shared
   with other jobs, OpenMP's default spin-waiting made whole runs 10-35x slower whenever another process held a
   core (one gndpo generate() call: 15.5 s with the default policy, 0.45 s with PASSIVE, alternating runs).
@@ -186,25 +188,32 @@ class Probe:
         self.gate()
 
     def wrap_generate(self, gate_first: bool) -> None:
-        """Time every GenerationMixin.generate call; optionally hold the first one at the gate."""
+        """Time every GenerationMixin.generate and gndpo decode call; optionally hold the first at the gate."""
+        import gndpo.rollout.hf
         from transformers.generation.utils import GenerationMixin
 
-        original = GenerationMixin.generate
         probe = self
 
-        def timed_generate(model, *args, **kwargs):
-            if gate_first and not probe.releases:
-                probe.gate()
-            t0, c0 = time.perf_counter(), _cpu_seconds()
-            out = original(model, *args, **kwargs)
-            t1, c1 = time.perf_counter(), _cpu_seconds()
-            ids = kwargs.get("input_ids", args[0] if args else None)
-            new = out.shape[1] - ids.shape[1] if ids is not None else out.shape[1]
-            probe.gen_calls.append({"end": t1, "seconds": t1 - t0, "cpu": c1 - c0, "seqs": int(out.shape[0]),
-                                    "new_tokens": int(new)})
-            return out
+        def timed(original, new_tokens):
+            def wrapper(*args, **kwargs):
+                if gate_first and not probe.releases:
+                    probe.gate()
+                t0, c0 = time.perf_counter(), _cpu_seconds()
+                out = original(*args, **kwargs)
+                t1, c1 = time.perf_counter(), _cpu_seconds()
+                seqs, new = new_tokens(out, args, kwargs)
+                probe.gen_calls.append({"end": t1, "seconds": t1 - t0, "cpu": c1 - c0, "seqs": seqs,
+                                        "new_tokens": new})
+                return out
+            return wrapper
 
-        GenerationMixin.generate = timed_generate
+        def hf_tokens(out, args, kwargs):
+            ids = kwargs.get("input_ids", args[1] if len(args) > 1 else None)  # args[0] is the model
+            return int(out.shape[0]), int(out.shape[1] - ids.shape[1] if ids is not None else out.shape[1])
+
+        GenerationMixin.generate = timed(GenerationMixin.generate, hf_tokens)
+        gndpo.rollout.hf.decode = timed(gndpo.rollout.hf.decode,
+                                        lambda out, a, k: (int(out[0].shape[0]), int(out[0].shape[1])))
 
     def wrap_method(self, obj, name: str, label: str) -> None:
         original = getattr(obj, name)
@@ -242,7 +251,8 @@ def _gndpo_overrides(spec: dict) -> list[str]:
     return [
         f"model.path={spec['student']}", f"teacher.path={spec['teacher']}", f"data.train={spec['prompts_file']}",
         "data.image_key=null", f"algorithm.method={method}", f"rollout.n={spec['n']}",
-        f"rollout.max_new_tokens={spec['max_new_tokens']}", f"rollout.micro_batch_size={spec['prompts'] * spec['n']}",
+        f"rollout.max_new_tokens={spec['max_new_tokens']}", f"rollout.min_new_tokens={spec['max_new_tokens']}",
+        f"rollout.engine={spec.get('gndpo_engine', 'loop')}", f"rollout.micro_batch_size={spec['prompts'] * spec['n']}",
         f"trainer.prompts_per_step={spec['prompts']}", f"trainer.micro_batch_size={spec['micro_batch']}",
         f"teacher.micro_batch_size={spec['micro_batch']}", f"trainer.total_steps={spec['steps']}",
         f"trainer.threads={spec['threads']}", "trainer.device=cpu", f"trainer.output_dir={spec['out_dir']}",
@@ -537,6 +547,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--omp-wait-policy", default="PASSIVE", choices=("PASSIVE", "ACTIVE", ""),
                         help="OMP_WAIT_POLICY of every worker ('' = the runtime's default); see the module doc")
+    parser.add_argument("--gndpo-engine", default="loop", choices=("loop", "generate"),
+                        help="gndpo's rollout.engine (generate = transformers generate, as before the decode loop)")
     parser.add_argument("--workdir", default=str(ROOT / "runs" / "race_trl"))
     parser.add_argument("--json", help="also write the raw results here")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -562,7 +574,8 @@ def main() -> None:
         pairs["distill-opd"] = ("gndpo:opd", "trl:distill")
         groups[list(pairs).index("distill")].insert(1, "gndpo:opd")
     spec = dict(preset, threads=args.threads, lr=1e-5, seed=0, student=meta["student"], teacher=meta["teacher"],
-                prompts_file=meta["prompts"], omp_wait_policy=args.omp_wait_policy, pairs=pairs)
+                prompts_file=meta["prompts"], omp_wait_policy=args.omp_wait_policy, pairs=pairs,
+                gndpo_engine=args.gndpo_engine)
     print(json.dumps(versions()), flush=True)
     results: dict[str, list[dict]] = {n: [] for g in groups for n in g}
     for rnd in range(spec["rounds"]):

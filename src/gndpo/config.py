@@ -74,6 +74,8 @@ class RolloutConfig:
     top_p: float = _f(1.0, "Nucleus sampling threshold.")
     top_k: int = _f(0, "Top-k sampling; 0 = off.")
     max_new_tokens: int = _f(16384, "Maximum response length in tokens.")
+    min_new_tokens: int = _f(0, "Suppress EOS before this many tokens (throughput benchmarks: fixed-length work "
+                             "with random weights). Off-policy by the suppressed EOS mass; 0 = off.")
     micro_batch_size: int = _f(64, "Sequences decoded together (prompts per call = this // n).")
 
 
@@ -286,6 +288,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     _check(0 < r.top_p <= 1, "rollout.top_p must be in (0, 1]")
     _check(r.top_k >= 0, "rollout.top_k must be >= 0")
     _check(r.max_new_tokens >= 1, "rollout.max_new_tokens must be >= 1")
+    _check(0 <= r.min_new_tokens <= r.max_new_tokens, "rollout.min_new_tokens must be in [0, rollout.max_new_tokens]")
     _check(r.micro_batch_size >= 1, "rollout.micro_batch_size must be >= 1")
     if a.advantage == "grpo":
         _check(r.n >= 2, "rollout.n must be >= 2 for group-normalized outcome rewards (grpo)")

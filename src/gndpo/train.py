@@ -245,7 +245,8 @@ def train(cfg: RunConfig, *, dist: DistContext = LOCAL,
                         micro_batch_size=cfg.rollout.micro_batch_size, engine=cfg.rollout.engine)
     reward_fn = get_reward(a.outcome_reward)
     sampling = SamplingParams(n=cfg.rollout.n, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
-                              top_k=cfg.rollout.top_k, max_new_tokens=cfg.rollout.max_new_tokens)
+                              top_k=cfg.rollout.top_k, max_new_tokens=cfg.rollout.max_new_tokens,
+                              min_new_tokens=cfg.rollout.min_new_tokens)
     optimizer, scheduler = build_optimizer(cfg, model)
     sampler = PromptSampler(len(records), t_cfg.prompts_per_step, seed=t_cfg.seed, shuffle=cfg.data.shuffle)
     minibatch_gen = torch.Generator().manual_seed(t_cfg.seed)

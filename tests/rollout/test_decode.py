@@ -148,3 +148,19 @@ def test_unknown_engine_is_a_clear_error(setup):
     loaded, _ = setup
     with pytest.raises(ValueError, match="unknown rollout engine 'vllm'; choose one of loop, generate"):
         HFRollout(loaded.model, loaded.processor, suffix=None, engine="vllm")
+
+
+def test_min_new_tokens_suppresses_eos_in_both_engines(setup):
+    loaded, records = setup
+    model, processor = loaded.model, loaded.processor
+    eos = _frequent_eos(model, processor, records, k=4)
+    outs = {}
+    for engine in ("loop", "generate"):
+        sampler = HFRollout(model, processor, suffix=None, engine=engine)
+        sampler.eos_ids = eos
+        free = sampler.generate(records, SamplingParams(n=1, max_new_tokens=10, greedy=True))
+        outs[engine] = sampler.generate(records, SamplingParams(n=1, max_new_tokens=10, min_new_tokens=6,
+                                                                greedy=True))
+        assert int(free.response_mask.sum(-1).min()) < 6  # without it some rows end earlier
+        assert int(outs[engine].response_mask.sum(-1).min()) >= 6
+    assert torch.equal(outs["loop"].response_ids, outs["generate"].response_ids)

@@ -16,6 +16,7 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0
     max_new_tokens: int = 512
+    min_new_tokens: int = 0  # EOS suppressed before this many tokens (benchmarks)
     greedy: bool = False
 
 

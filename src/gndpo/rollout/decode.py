@@ -88,6 +88,46 @@ def sample_tokens(logits: torch.Tensor, *, greedy: bool = False,
     return idx
 
 
+def _reserve(cache, rows: torch.Tensor, capacity: int):
+    """Expand ``cache`` to the batch rows ``rows`` (B,) and, when every layer is a plain dynamic layer, give
+    each a buffer of ``capacity`` positions filled in place.
+
+    transformers' DynamicLayer concatenates each new key/value onto a fresh tensor, copying the whole cache at
+    every step of every layer; with room reserved up front a step writes one position. Caches with other
+    layer kinds (sliding-window, linear-attention) are only expanded.
+    """
+    from transformers.cache_utils import DynamicLayer
+
+    class ReservedLayer(DynamicLayer):
+        def update(self, key_states, value_states, *args, **kwargs):
+            end = self.length + key_states.shape[-2]
+            self.key_buf[:, :, self.length:end] = key_states
+            self.value_buf[:, :, self.length:end] = value_states
+            self.length = end
+            self.keys, self.values = self.key_buf[:, :, :end], self.value_buf[:, :, :end]
+            return self.keys, self.values
+
+        def batch_select_indices(self, indices):
+            self.key_buf, self.value_buf = self.key_buf[indices], self.value_buf[indices]
+            self.keys, self.values = self.key_buf[:, :, :self.length], self.value_buf[:, :, :self.length]
+
+    layers = getattr(cache, "layers", None)
+    if not layers or not all(type(x) is DynamicLayer and x.is_initialized and x.keys.dim() == 4 for x in layers):
+        if not torch.equal(rows, torch.arange(rows.numel(), device=rows.device)):
+            cache.batch_select_indices(rows)
+        return cache
+    for i, layer in enumerate(layers):
+        new = ReservedLayer()
+        new.__dict__.update(layer.__dict__)
+        h, d = layer.keys.shape[1], layer.keys.shape[-1]
+        new.key_buf = layer.keys.new_empty(rows.numel(), h, capacity, d)
+        new.value_buf = layer.values.new_empty(rows.numel(), h, capacity, layer.values.shape[-1])
+        new.length = 0
+        new.update(layer.keys[rows], layer.values[rows])
+        layers[i] = new
+    return cache
+
+
 def _cache_kwarg(model) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
@@ -120,8 +160,7 @@ def decode(model, prompt_inputs: dict[str, Any], sampling: SamplingParams, *, eo
                 use_cache=True, **keep_last, **extra)
     cache = _returned_cache(out)
     rows = torch.arange(U, device=device).repeat_interleave(n)  # (B,) prompt of each sample
-    if n > 1:
-        cache.batch_select_indices(rows)
+    cache = _reserve(cache, rows, P + R)
     logits = out.logits[:, -1][rows]  # (B, V)
     B = U * n
     attention = torch.zeros(B, P + R, dtype=mask_p.dtype, device=device)  # grows into columns P, P+1, ...
@@ -131,9 +170,11 @@ def decode(model, prompt_inputs: dict[str, Any], sampling: SamplingParams, *, eo
     logprobs = torch.zeros(B, R, dtype=torch.float32)
     live = torch.arange(B)  # result row of each row still decoding
     eos = torch.as_tensor(list(eos_ids), device=device)
+    suppress_early = [*suppress, *eos_ids]  # while t < min_new_tokens
     steps = 0
     for t in range(R):
-        token = sample_tokens(filter_logits(logits, sampling, suppress), greedy=sampling.greedy, generator=generator)
+        banned = suppress_early if t < sampling.min_new_tokens else suppress
+        token = sample_tokens(filter_logits(logits, sampling, banned), greedy=sampling.greedy, generator=generator)
         result[live, t] = token.cpu()
         scaled = logits.float() / sampling.temperature
         logprobs[live, t] = (scaled.gather(-1, token[:, None]).squeeze(1) - scaled.logsumexp(-1)).cpu()

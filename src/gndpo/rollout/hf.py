@@ -51,7 +51,8 @@ class HFRollout:
 
         # A fresh config: the model's own generation defaults (repetition penalties, top-k...) would make
         # the sampling distribution differ from the policy the trainer scores.
-        kw = dict(max_new_tokens=sampling.max_new_tokens, num_return_sequences=n, eos_token_id=self.eos_ids,
+        kw = dict(max_new_tokens=sampling.max_new_tokens, min_new_tokens=sampling.min_new_tokens or None,
+                  num_return_sequences=n, eos_token_id=self.eos_ids,
                   pad_token_id=self.pad_id, suppress_tokens=self.suppress or None)
         if sampling.greedy:
             return GenerationConfig(do_sample=False, **kw)
