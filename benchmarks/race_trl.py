@@ -258,6 +258,7 @@ def _gndpo_overrides(spec: dict) -> list[str]:
         f"trainer.threads={spec['threads']}", "trainer.device=cpu", f"trainer.output_dir={spec['out_dir']}",
         f"optim.lr={spec['lr']}", "logging.tensorboard=false", "logging.progress=false",
         "checkpoint.save_final=false", "checkpoint.every=0", f"trainer.seed={spec['seed']}",
+        *spec.get("gndpo_set", ()),
     ]
 
 
@@ -493,7 +494,8 @@ def report(results: dict[str, list[dict]], spec: dict, meta: dict, wall: float) 
            f"{spec['max_new_tokens']} new tokens (fixed length); micro-batch {spec['micro_batch']}; "
            f"{spec['steps']} optimizer steps per run, step 1 excluded; {spec['rounds']} round(s) of lockstep-"
            f"interleaved workers; {spec['threads']} threads; "
-           f"OMP_WAIT_POLICY={spec.get('omp_wait_policy') or 'default'}",
+           f"OMP_WAIT_POLICY={spec.get('omp_wait_policy') or 'default'}; gndpo rollout.engine="
+           f"{spec.get('gndpo_engine', 'loop')}" + "".join(f", {kv}" for kv in spec.get("gndpo_set", ())),
            f"student {meta['params']['student'] / 1e6:.2f} M params (hidden {meta['hidden']['student']}, "
            f"{meta['layers']['student']} layers), teacher {meta['params']['teacher'] / 1e6:.2f} M (hidden "
            f"{meta['hidden']['teacher']}, {meta['layers']['teacher']} layers), vocab {meta['vocab']}; "
@@ -549,6 +551,8 @@ def main() -> None:
                         help="OMP_WAIT_POLICY of every worker ('' = the runtime's default); see the module doc")
     parser.add_argument("--gndpo-engine", default="loop", choices=("loop", "generate"),
                         help="gndpo's rollout.engine (generate = transformers generate, as before the decode loop)")
+    parser.add_argument("--gndpo-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra gndpo config override, e.g. algorithm.old_logprobs=sampler (repeatable)")
     parser.add_argument("--workdir", default=str(ROOT / "runs" / "race_trl"))
     parser.add_argument("--json", help="also write the raw results here")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -575,7 +579,7 @@ def main() -> None:
         groups[list(pairs).index("distill")].insert(1, "gndpo:opd")
     spec = dict(preset, threads=args.threads, lr=1e-5, seed=0, student=meta["student"], teacher=meta["teacher"],
                 prompts_file=meta["prompts"], omp_wait_policy=args.omp_wait_policy, pairs=pairs,
-                gndpo_engine=args.gndpo_engine)
+                gndpo_engine=args.gndpo_engine, gndpo_set=args.gndpo_set)
     print(json.dumps(versions()), flush=True)
     results: dict[str, list[dict]] = {n: [] for g in groups for n in g}
     for rnd in range(spec["rounds"]):

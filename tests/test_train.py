@@ -154,3 +154,26 @@ def test_rollout_engine_option_changes_draws_not_the_policy(tiny_dir, tmp_path):
     assert loop_row["rollout/logprob_diff_max"] < 1e-4
     assert "rollout/logprob_diff_max" not in gen_row
     assert loop.rollouts.texts != gen.rollouts.texts
+
+
+def test_sampler_old_logprobs_skip_the_recompute_pass(tiny_dir, tmp_path, monkeypatch):
+    import gndpo.train
+
+    calls = []
+    real = gndpo.train.rollout_logprobs
+    monkeypatch.setattr(gndpo.train, "rollout_logprobs", lambda *a, **k: calls.append(1) or real(*a, **k))
+    seen = {}
+    for mode in ("recompute", "sampler"):
+        calls.clear()
+        recs = []
+        train(make_cfg(tiny_dir, tmp_path / mode, steps=1, extra=[f"algorithm.old_logprobs={mode}"]),
+              callbacks=[recs.append])
+        seen[mode] = (recs[0], len(calls))
+    (rec_a, calls_a), (rec_b, calls_b) = seen["recompute"], seen["sampler"]
+    assert calls_a == 1 and calls_b == 0
+    assert rec_b.old_logprobs is rec_b.rollouts.sampler_logprobs
+    # same draws (same seed, same sampler); old log-probs and hence advantages differ only by float rounding
+    assert rec_a.rollouts.texts == rec_b.rollouts.texts
+    assert not torch.equal(rec_a.old_logprobs, rec_b.old_logprobs)
+    torch.testing.assert_close(rec_a.old_logprobs, rec_b.old_logprobs, rtol=0, atol=1e-5)
+    torch.testing.assert_close(rec_a.advantages, rec_b.advantages, rtol=0, atol=1e-3)

@@ -97,6 +97,12 @@ class AlgorithmConfig:
     reuse_logprobs: bool = _f(True, "Skip the separate old log-prob pass where it is redundant: outcome-reward "
                               "advantages with one update per batch, whose ratio is exactly 1 (the update's own "
                               "log-probs, detached, are the old ones).")
+    old_logprobs: str = _f("recompute", "Student log-probs before the update (the ratio's denominator and the "
+                           "distillation reward's student term): recompute = a separate forward pass, as the "
+                           "official code does; sampler = the rollout's own log-probs of its tokens (rollout.engine="
+                           "loop reports them; equal to the recomputation up to float rounding, ~1e-6 in fp32), "
+                           "saving one student forward per step. Falls back to recompute when the sampler has none.",
+                           choices=("recompute", "sampler"))
     epochs: int = _f(1, "Passes over each rollout batch.")
     mini_batches: int = _f(1, "Optimizer steps per rollout batch and epoch (paper: 1).")
 
@@ -288,6 +294,8 @@ def validate(cfg: RunConfig) -> RunConfig:
     _check(0 < r.top_p <= 1, "rollout.top_p must be in (0, 1]")
     _check(r.top_k >= 0, "rollout.top_k must be >= 0")
     _check(r.max_new_tokens >= 1, "rollout.max_new_tokens must be >= 1")
+    _check(cfg.algorithm.old_logprobs != "sampler" or r.engine == "loop",
+           "algorithm.old_logprobs=sampler needs rollout.engine=loop (generate does not report log-probs)")
     _check(0 <= r.min_new_tokens <= r.max_new_tokens, "rollout.min_new_tokens must be in [0, rollout.max_new_tokens]")
     _check(r.micro_batch_size >= 1, "rollout.micro_batch_size must be >= 1")
     if a.advantage == "grpo":

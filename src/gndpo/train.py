@@ -173,7 +173,7 @@ def rollout_metrics(rollouts: Rollouts, outcome: torch.Tensor, old_lp: torch.Ten
         "truncated_frac": float(rollouts.truncated.float().mean()),
         "prompt_length": float(rollouts.prompt_lengths.float().mean()),
     }
-    if old_lp is not None and rollouts.sampler_logprobs is not None:
+    if old_lp is not None and rollouts.sampler_logprobs is not None and old_lp is not rollouts.sampler_logprobs:
         # sampler vs trainer log-probs of the same tokens: ~1e-6 when both run the same fp32 model; a
         # large value means the rollouts are off-policy (dtype, kernels or a stale sampler)
         diff = (old_lp - rollouts.sampler_logprobs).abs()[rollouts.response_mask]
@@ -276,7 +276,12 @@ def train(cfg: RunConfig, *, dist: DistContext = LOCAL,
             rollouts = rollout.generate(batch, sampling, encoded=encoded)
             t_rollout = time.perf_counter()
             old_lp = None  # taken from the update's own forward when the separate pass is redundant
-            if not old_logprobs_redundant(cfg):
+            if a.old_logprobs == "sampler" and rollouts.sampler_logprobs is not None:
+                old_lp = rollouts.sampler_logprobs
+            elif a.old_logprobs == "sampler" and step == start_step:
+                log.warning("algorithm.old_logprobs=sampler: this model is sampled with transformers generate, "
+                            "which reports no log-probs; recomputing them")
+            elif not old_logprobs_redundant(cfg):
                 with torch.no_grad():
                     old_lp = rollout_logprobs(model, processor, rollouts, micro_batch_size=t_cfg.micro_batch_size,
                                               suffix=suffix, system_prompt=cfg.data.system_prompt,

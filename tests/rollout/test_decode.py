@@ -52,7 +52,7 @@ def test_filter_logits_equals_transformers_warpers(temperature, top_k, top_p):
 
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(16, 50, generator=g) * 3
-    ref = logits / temperature if temperature != 1.0 else logits.clone()
+    ref = TemperatureLogitsWarper(temperature)(None, logits.clone())
     if top_k:
         ref = TopKLogitsWarper(top_k)(None, ref)
     if top_p < 1.0:
