@@ -50,7 +50,11 @@ WORK = dict(prompts=8, n=4, max_new_tokens=64, micro_batch=8, threads=2, lr=1e-5
 # matching files (only for names that do not nest). Cumulative seconds and calls per steady step are reported.
 FUNCTIONS = [
     ("HFRollout.generate (whole rollout)", "gndpo.rollout.hf:HFRollout.generate"),
-    ("- GenerationMixin.generate", "transformers.generation.utils:GenerationMixin.generate"),
+    ("- gndpo decode loop (rollout.engine=loop)", "gndpo.rollout.decode:decode"),
+    ("- - filter_logits", "gndpo.rollout.decode:filter_logits"),
+    ("- - sample_tokens (inverse-CDF)", "gndpo.rollout.decode:sample_tokens"),
+    ("- - KV cache write (reserved layers)", "gndpo/rollout/decode.py|update"),
+    ("- GenerationMixin.generate (rollout.engine=generate)", "transformers.generation.utils:GenerationMixin.generate"),
     ("- _sample (decode loop)", "transformers.generation.utils:GenerationMixin._sample"),
     ("- logits processors (LogitsProcessorList)",
      "transformers.generation.logits_process:LogitsProcessorList.__call__"),

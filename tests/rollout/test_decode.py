@@ -88,8 +88,13 @@ def test_decode_first_token_distribution_matches_the_model(setup):
     assert 0.5 * (freq - probs).abs().sum() < 0.06  # total variation; ~0.03 expected from 4000 draws
 
 
-def test_decode_logprobs_equal_the_trainers_recomputation(setup):
-    """Shared prefill, EOS rows leaving the batch mid-way and left padding keep every conditional right."""
+@pytest.mark.parametrize("room", [256, 1])
+def test_decode_logprobs_equal_the_trainers_recomputation(setup, room, monkeypatch):
+    """Shared prefill, EOS rows leaving the batch mid-way, left padding and (room=1) the KV buffer growing at
+    every few steps keep every conditional right."""
+    import gndpo.rollout.decode
+
+    monkeypatch.setattr(gndpo.rollout.decode, "INITIAL_ROOM", room)
     loaded, records = setup
     model, processor = loaded.model, loaded.processor
     sampler = HFRollout(model, processor, suffix=None, micro_batch_size=12)  # 4 prompts per call, 2 calls

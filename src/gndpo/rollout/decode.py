@@ -14,6 +14,7 @@ with the placeholder/padding tokens suppressed. Greedy decoding takes the argmax
 """
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Any, Sequence
 
@@ -21,6 +22,8 @@ import torch
 
 from gndpo.rollout.base import SamplingParams
 
+# Spare KV-cache positions reserved after the prompt; the room doubles whenever it runs out.
+INITIAL_ROOM = 256
 # Inputs a decode step can go without: the prompt's images are already in the KV cache.
 _PREFILL_ONLY = ("pixel_values", "image_sizes", "image_grid_thw", "pixel_attention_mask", "image_attention_mask")
 
@@ -88,19 +91,37 @@ def sample_tokens(logits: torch.Tensor, *, greedy: bool = False,
     return idx
 
 
-def _reserve(cache, rows: torch.Tensor, capacity: int):
-    """Expand ``cache`` to the batch rows ``rows`` (B,) and, when every layer is a plain dynamic layer, give
-    each a buffer of ``capacity`` positions filled in place.
-
-    transformers' DynamicLayer concatenates each new key/value onto a fresh tensor, copying the whole cache at
-    every step of every layer; with room reserved up front a step writes one position. Caches with other
-    layer kinds (sliding-window, linear-attention) are only expanded.
-    """
+@functools.cache
+def _reserved_layer_class():
     from transformers.cache_utils import DynamicLayer
 
     class ReservedLayer(DynamicLayer):
+        """A DynamicLayer whose keys/values live in a buffer with spare room: a step writes one position
+        instead of concatenating onto a fresh copy of the whole cache. The room doubles when full (up to
+        ``limit`` positions), so memory stays within 2x of what is held and copies are amortized O(1)."""
+
+        def setup(self, keys, values, limit: int, room: int | None = None) -> None:
+            room = INITIAL_ROOM if room is None else room
+            self.limit, self.length = limit, 0
+            self.key_buf = self.value_buf = None
+            self._grow(keys.shape[0], keys.shape[1], keys.shape[-1], values.shape[-1], keys,
+                       min(limit, keys.shape[-2] + room))
+            self.update(keys, values)
+
+        def _grow(self, batch, heads, dk, dv, like, capacity) -> None:
+            key_buf = like.new_empty(batch, heads, capacity, dk)
+            value_buf = like.new_empty(batch, heads, capacity, dv)
+            if self.key_buf is not None:
+                key_buf[:, :, :self.length] = self.keys
+                value_buf[:, :, :self.length] = self.values
+            self.key_buf, self.value_buf = key_buf, value_buf
+
         def update(self, key_states, value_states, *args, **kwargs):
             end = self.length + key_states.shape[-2]
+            if end > self.key_buf.shape[2]:
+                b, h, _, dk = self.key_buf.shape
+                self._grow(b, h, dk, self.value_buf.shape[-1], self.key_buf,
+                           max(end, min(self.limit, 2 * self.key_buf.shape[2])))
             self.key_buf[:, :, self.length:end] = key_states
             self.value_buf[:, :, self.length:end] = value_states
             self.length = end
@@ -108,22 +129,30 @@ def _reserve(cache, rows: torch.Tensor, capacity: int):
             return self.keys, self.values
 
         def batch_select_indices(self, indices):
-            self.key_buf, self.value_buf = self.key_buf[indices], self.value_buf[indices]
-            self.keys, self.values = self.key_buf[:, :, :self.length], self.value_buf[:, :, :self.length]
+            room = self.key_buf.shape[2] - self.length
+            keys, values = self.keys[indices], self.values[indices]
+            self.key_buf = self.value_buf = None
+            self.setup(keys, values, self.limit, room=room)
+
+    return ReservedLayer
+
+
+def _reserve(cache, rows: torch.Tensor, limit: int):
+    """Expand ``cache`` to the batch rows ``rows`` (B,) and, when every layer is a plain dynamic layer, turn
+    each into a ReservedLayer holding at most ``limit`` positions. Caches with other layer kinds
+    (sliding-window, linear-attention) are only expanded."""
+    from transformers.cache_utils import DynamicLayer
 
     layers = getattr(cache, "layers", None)
     if not layers or not all(type(x) is DynamicLayer and x.is_initialized and x.keys.dim() == 4 for x in layers):
         if not torch.equal(rows, torch.arange(rows.numel(), device=rows.device)):
             cache.batch_select_indices(rows)
         return cache
+    cls = _reserved_layer_class()
     for i, layer in enumerate(layers):
-        new = ReservedLayer()
+        new = cls()
         new.__dict__.update(layer.__dict__)
-        h, d = layer.keys.shape[1], layer.keys.shape[-1]
-        new.key_buf = layer.keys.new_empty(rows.numel(), h, capacity, d)
-        new.value_buf = layer.values.new_empty(rows.numel(), h, capacity, layer.values.shape[-1])
-        new.length = 0
-        new.update(layer.keys[rows], layer.values[rows])
+        new.setup(layer.keys[rows], layer.values[rows], limit)
         layers[i] = new
     return cache
 
