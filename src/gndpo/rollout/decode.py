@@ -166,7 +166,6 @@ def _returned_cache(out):
     return cache if cache is not None else out.past_key_values
 
 
-@torch.no_grad()
 def decode(model, prompt_inputs: dict[str, Any], sampling: SamplingParams, *, eos_ids: Sequence[int],
            pad_id: int, suppress: Sequence[int] = (),
            generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -177,6 +176,13 @@ def decode(model, prompt_inputs: dict[str, Any], sampling: SamplingParams, *, eo
     ``(U * n, R)`` of each token under ``softmax(logits / temperature)`` (the distribution the trainer
     scores, before top-k/top-p), 0 after EOS. Both on CPU. The model runs in the caller's mode (use eval()).
     """
+    with torch.inference_mode():  # lighter than no_grad for the many small ops of a decode step
+        ids, logprobs = _decode(model, prompt_inputs, sampling, eos_ids=eos_ids, pad_id=pad_id, suppress=suppress,
+                                generator=generator)
+    return ids.clone(), logprobs.clone()  # normal tensors: the trainer embeds the ids under autograd
+
+
+def _decode(model, prompt_inputs, sampling, *, eos_ids, pad_id, suppress, generator):
     ids_p, mask_p = prompt_inputs["input_ids"], prompt_inputs["attention_mask"]  # (U, P)
     extra = {k: v for k, v in prompt_inputs.items() if k not in ("input_ids", "attention_mask")}
     U, P = ids_p.shape
