@@ -77,16 +77,25 @@ def test_response_mask_from_ids_hand_example():
     assert truncated.tolist() == [False, True]
 
 
-def test_shared_prefix_path_equals_one_row_per_response(setup):
-    """Running each prompt once (KV cache shared by its samples) gives the same log-probs and gradients."""
+@pytest.mark.parametrize("path", ["packed", "kv-cache"])
+def test_shared_prefix_path_equals_one_row_per_response(setup, path, monkeypatch):
+    """Running each prompt once for all its samples gives the same log-probs and gradients, both packed
+    (prompt + all its samples in one row under a 4-D mask) and through a shared KV cache."""
+    import gndpo.forward
     from gndpo.forward import micro_batch_inputs, response_logprobs, shares_prefixes
 
+    monkeypatch.setattr(gndpo.forward, "PACK_TOKENS", 4096 if path == "packed" else 0)
+    used = []
+    for name in ("_packed_prefix_hidden", "_shared_prefix_hidden"):
+        real = getattr(gndpo.forward, name)
+        monkeypatch.setattr(gndpo.forward, name, lambda *a, _n=name, _r=real, **k: used.append(_n) or _r(*a, **k))
     loaded, records = setup
     model, processor = loaded.model, loaded.processor
     assert shares_prefixes(model)
     sampler = HFRollout(model, processor, suffix=None, micro_batch_size=16)
     torch.manual_seed(2)
     ro = sampler.generate(records[:3], SamplingParams(n=3, max_new_tokens=7))
+    ro = ro.select([4, 0, 1, 8, 6, 7])  # unordered, 1-2-3 samples per prompt, as a micro-batch may hold
     encoded = encode_each(processor, ro.records, suffix=None, system_prompt=None)
     pad = pad_token_id(processor)
     results = []
@@ -102,6 +111,7 @@ def test_shared_prefix_path_equals_one_row_per_response(setup):
         (lp.sum() + 0.0).backward()
         grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
         results.append((lp.detach(), ent, grads))
+    assert used == ["_packed_prefix_hidden" if path == "packed" else "_shared_prefix_hidden"]
     (lp_a, ent_a, g_a), (lp_b, ent_b, g_b) = results
     torch.testing.assert_close(lp_a, lp_b, rtol=0, atol=1e-5)
     torch.testing.assert_close(ent_a, ent_b, rtol=0, atol=1e-5)

@@ -124,7 +124,10 @@ def response_logprobs(model, prompt_inputs: dict[str, Any], response_ids: torch.
     rows = torch.arange(B, device=response_ids.device) if prompt_index is None else prompt_index
     base, head = _head(model)
     if base is not None and shares_prefixes(model) and prompt_inputs["input_ids"].shape[0] < B:
-        h = _shared_prefix_hidden(base, prompt_inputs, rows, response_ids, response_mask)
+        if _packable(model, prompt_inputs, rows, R):
+            h = _packed_prefix_hidden(base, prompt_inputs, rows, response_ids)
+        else:
+            h = _shared_prefix_hidden(base, prompt_inputs, rows, response_ids, response_mask)
     elif prompt_inputs["input_ids"].shape[0] != B:
         raise ValueError("prompt_inputs must hold one row per response unless the model shares prefixes")
     elif base is not None:
@@ -175,6 +178,72 @@ def _shared_prefix_hidden(base, prompt_inputs, rows, response_ids, response_mask
                  **{cache_arg: cache})
     # the prompt's last state predicts the first response token; response states predict the rest
     return torch.cat([out_p.last_hidden_state[rows, -1:], out_r.last_hidden_state[:, :-1]], 1)
+
+
+# Longest row of the packed shared-prefix path (one prompt followed by all its samples). Attention in a packed
+# row is quadratic in its length, so long responses take the KV-cache path instead.
+PACK_TOKENS = 1024
+
+
+def _packable(model, prompt_inputs, rows: torch.Tensor, R: int) -> bool:
+    """Whether every prompt and its samples fit one row of at most PACK_TOKENS tokens, and the model takes a
+    custom 4-D additive mask (eager or SDPA attention, no sliding-window layers)."""
+    config = getattr(model, "config", None)
+    text = getattr(config, "text_config", None) or config
+    if getattr(config, "_attn_implementation", None) not in ("sdpa", "eager") or \
+            getattr(text, "_attn_implementation", "sdpa") not in ("sdpa", "eager"):
+        return False
+    if getattr(text, "sliding_window", None) and getattr(text, "use_sliding_window", True):
+        return False
+    if any(t != "full_attention" for t in getattr(text, "layer_types", None) or ()):
+        return False
+    counts = torch.bincount(rows, minlength=prompt_inputs["input_ids"].shape[0])
+    return prompt_inputs["input_ids"].shape[1] + int(counts.max()) * R <= PACK_TOKENS
+
+
+def _packed_prefix_hidden(base, prompt_inputs, rows, response_ids) -> torch.Tensor:
+    """Hidden states ``(B, R, H)`` predicting each response token, from one forward over ``U`` rows that each
+    hold a (left-padded) prompt followed by all its samples ``[prompt | response 1 | response 2 | ...]``.
+
+    A 4-D mask lets every response token see the prompt and the earlier tokens of its own response only, and
+    each response's positions continue from its prompt's, so every state equals the one of a separate
+    prompt + response sequence. Bigger matrix products and one model call instead of two make this faster
+    than the KV-cache path when rows are short.
+    """
+    ids_p, attn_p = prompt_inputs["input_ids"], prompt_inputs["attention_mask"]  # (U, P)
+    U, P = ids_p.shape
+    B, R = response_ids.shape
+    device = ids_p.device
+    # slot of each response within its prompt's row, in order of appearance
+    order = torch.argsort(rows, stable=True)
+    slot = torch.empty_like(rows)
+    first = torch.searchsorted(rows[order], torch.arange(U, device=device))
+    slot[order] = torch.arange(B, device=device) - first[rows[order]]
+    k = int(slot.max()) + 1
+    L = P + k * R
+    ids = ids_p.new_full((U, L), 0)
+    ids[:, :P] = ids_p
+    starts = P + slot * R  # (B,) where each response begins in its row
+    cols = starts[:, None] + torch.arange(R, device=device)  # (B, R)
+    ids[rows[:, None], cols] = response_ids
+    segment = torch.full((U, L), -1, dtype=torch.long, device=device)  # -1 empty, 0 prompt, s + 1 response
+    segment[:, :P] = torch.where(attn_p.bool(), 0, -1)
+    segment[rows[:, None], cols] = (slot + 1)[:, None]
+    position = torch.zeros(U, L, dtype=torch.long, device=device)
+    position[:, :P] = (attn_p.long().cumsum(-1) - 1).clamp(min=0)
+    position[rows[:, None], cols] = attn_p.long().sum(-1)[rows, None] + torch.arange(R, device=device)
+    index = torch.arange(L, device=device)
+    seg_q, seg_k = segment[:, :, None], segment[:, None, :]  # (U, L, 1), (U, 1, L)
+    allowed = (index[:, None] >= index[None, :]) & (seg_k >= 0) & ((seg_k == 0) | (seg_k == seg_q))
+    allowed |= torch.eye(L, dtype=torch.bool, device=device)  # empty slots attend to themselves (no NaN rows)
+    dtype = next(base.parameters()).dtype
+    mask = torch.zeros(U, 1, L, L, dtype=dtype, device=device).masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
+    extra = {k: v for k, v in prompt_inputs.items() if k not in ("input_ids", "attention_mask")}
+    hidden = base(input_ids=ids, attention_mask=mask, position_ids=position, use_cache=False,
+                  **extra).last_hidden_state  # (U, L, H)
+    # the prompt's last state predicts a response's first token; its own states predict the rest
+    src = torch.cat([torch.full((B, 1), P - 1, device=device, dtype=torch.long), cols[:, :-1]], 1)  # (B, R)
+    return hidden[rows[:, None], src]
 
 
 def micro_batch_inputs(model, encoded: Sequence[dict], prompt_index: torch.Tensor, *, pad_id: int,
