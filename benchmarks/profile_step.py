@@ -167,6 +167,7 @@ def part_phases(spec: dict) -> dict:
     def callback(record):
         ends.append(time.perf_counter())
         shapes.append({"B": int(record.rollouts.size), "R": int(record.rollouts.response_ids.shape[1]),
+                       "prompts": len(record.rollouts.records),
                        "prompt_len_mean": float(record.rollouts.prompt_lengths.float().mean()),
                        "response_tokens": int(record.rollouts.response_mask.sum())})
 
@@ -516,9 +517,14 @@ def render_whatif(w: dict) -> str:
 
 
 def flops_per_phase(meta: dict, shape: dict, method: str) -> dict:
-    """Rough FLOPs: 2 x params x tokens per forward, 6 x for forward + backward (attention scores ignored)."""
+    """Rough FLOPs: 2 x params x tokens per forward, 6 x for forward + backward (attention scores ignored).
+
+    Tokens are those a pass must process: each prompt once (gndpo runs it once for all its samples) plus
+    every response token; a tool that runs the prompt once per sample does more work for the same result.
+    """
     ps, pt = meta["params"]["student"], meta["params"]["teacher"]
-    tokens = shape["B"] * (shape["prompt_len_mean"] + shape["response_tokens"] / shape["B"])  # prompt + response
+    prompts = shape.get("prompts", shape["B"])
+    tokens = prompts * shape["prompt_len_mean"] + shape["response_tokens"]
     out = {"time/rollout": 2 * ps * tokens, "time/old_logprobs": 2 * ps * tokens, "time/update": 6 * ps * tokens}
     if method in ("gndpo", "opd"):
         out["time/teacher"] = 2 * pt * tokens
@@ -597,7 +603,8 @@ def render(res: dict) -> str:
         step = statistics.median(r["time/step"] for r in rows)
         med["logging + loop (period - time/step)"] = max(period - step, 0.0)
         shape = ph["shapes"][-1]
-        flops = flops_per_phase(res["meta"], shape, res["method"])
+        # a phase that did not run (gspo's old log-probs come from the update's own forward) did no work
+        flops = {k: f for k, f in flops_per_phase(res["meta"], shape, res["method"]).items() if med.get(k, 0) > 0.01}
         pk = peak["peak_gflops_median"] if peak else float("nan")
         table = []
         for k, v in med.items():
@@ -611,7 +618,7 @@ def render(res: dict) -> str:
         out.append(f"per-phase profile, median over steps 2..{len(ph['rows'])} (B={shape['B']} sequences, "
                    f"prompt {shape['prompt_len_mean']:.0f} + response {shape['response_tokens'] / shape['B']:.0f} "
                    f"tokens; step periods {[round(p, 2) for p in ph['periods']]})")
-        out.append(race_trl.fmt_table(table, ["phase", "seconds", "share of step", "est. GFLOP", "GFLOP/s",
+        out.append(race_trl.fmt_table(table, ["phase", "seconds", "share of step", "est. GFLOP (prompts once)", "GFLOP/s",
                                               "of matmul peak"]))
         out.append("")
     cp = res.get("cprofile")
