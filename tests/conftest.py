@@ -86,3 +86,18 @@ def tiny_dir(tmp_path_factory):
             f.write(json.dumps({"id": f"t{i}", "problem": f"What is {a} plus {b}?", "answer": str(a + b)}) + "\n")
     write_task(root / "vlm", seed=0, n_train=24, n_test=8)
     return root
+
+
+@pytest.fixture(scope="module", params=["text", "vlm"])
+def student_and_records(request, tiny_dir):
+    """(LoadedModel, 5 prompt records): the tiny text student (Qwen2) or VLM student (LLaVA)."""
+    from gndpo.data.loaders import load_records
+    from gndpo.models import load_model
+
+    kind = request.param
+    loaded = load_model(str(tiny_dir / f"{kind}_student"))
+    if kind == "text":
+        records = load_records(str(tiny_dir / "text.jsonl"), image_key=None)[:5]
+    else:
+        records = load_records(str(tiny_dir / "vlm" / "train.jsonl"))[:5]
+    return loaded, records

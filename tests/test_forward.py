@@ -2,26 +2,13 @@
 import pytest
 import torch
 
-from gndpo.data.loaders import load_records
 from gndpo.forward import collate_prompts, encode_each, encode_prompts, pad_token_id, rollout_logprobs
-from gndpo.models import load_model
 from gndpo.rollout.base import Rollouts, SamplingParams
 from gndpo.rollout.hf import HFRollout, response_mask_from_ids
 
 
-@pytest.fixture(scope="module", params=["text", "vlm"])
-def setup(request, tiny_dir):
-    kind = request.param
-    loaded = load_model(str(tiny_dir / f"{kind}_student"))
-    if kind == "text":
-        records = load_records(str(tiny_dir / "text.jsonl"), image_key=None)[:5]
-    else:
-        records = load_records(str(tiny_dir / "vlm" / "train.jsonl"))[:5]
-    return loaded, records
-
-
-def test_collated_single_encodings_equal_batched_encoding(setup):
-    loaded, records = setup
+def test_collated_single_encodings_equal_batched_encoding(student_and_records):
+    loaded, records = student_and_records
     batched = encode_prompts(loaded.processor, records, suffix="Go.", system_prompt=None)
     each = encode_each(loaded.processor, records, suffix="Go.", system_prompt=None)
     collated = collate_prompts(each, pad_id=pad_token_id(loaded.processor))
@@ -30,9 +17,9 @@ def test_collated_single_encodings_equal_batched_encoding(setup):
         assert torch.equal(batched[key], collated[key]), key
 
 
-def test_recomputed_logprobs_equal_the_samplers_own(setup):
+def test_recomputed_logprobs_equal_the_samplers_own(student_and_records):
     """On-policy: the trainer's recomputed log-probs equal those of the distribution generate() sampled from."""
-    loaded, records = setup
+    loaded, records = student_and_records
     model, processor = loaded.model, loaded.processor
     sampler = HFRollout(model, processor, suffix=None, micro_batch_size=8)
     inputs = encode_prompts(processor, records, suffix=None, system_prompt=None)
@@ -55,8 +42,8 @@ def test_recomputed_logprobs_equal_the_samplers_own(setup):
     torch.testing.assert_close(lp * mask, sampled_lp * mask, rtol=0, atol=1e-5)
 
 
-def test_sampler_masks_eos_and_never_emits_placeholders(setup):
-    loaded, records = setup
+def test_sampler_masks_eos_and_never_emits_placeholders(student_and_records):
+    loaded, records = student_and_records
     sampler = HFRollout(loaded.model, loaded.processor, suffix=None, micro_batch_size=8)
     torch.manual_seed(1)
     ro = sampler.generate(records, SamplingParams(n=3, temperature=1.5, max_new_tokens=12))
@@ -78,7 +65,7 @@ def test_response_mask_from_ids_hand_example():
 
 
 @pytest.mark.parametrize("path", ["packed", "kv-cache"])
-def test_shared_prefix_path_equals_one_row_per_response(setup, path, monkeypatch):
+def test_shared_prefix_path_equals_one_row_per_response(student_and_records, path, monkeypatch):
     """Running each prompt once for all its samples gives the same log-probs and gradients, both packed
     (prompt + all its samples in one row under a 4-D mask) and through a shared KV cache."""
     import gndpo.forward
@@ -89,7 +76,7 @@ def test_shared_prefix_path_equals_one_row_per_response(setup, path, monkeypatch
     for name in ("_packed_prefix_hidden", "_shared_prefix_hidden"):
         real = getattr(gndpo.forward, name)
         monkeypatch.setattr(gndpo.forward, name, lambda *a, _n=name, _r=real, **k: used.append(_n) or _r(*a, **k))
-    loaded, records = setup
+    loaded, records = student_and_records
     model, processor = loaded.model, loaded.processor
     assert shares_prefixes(model)
     sampler = HFRollout(model, processor, suffix=None, micro_batch_size=16)

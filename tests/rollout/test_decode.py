@@ -2,23 +2,10 @@
 import pytest
 import torch
 
-from gndpo.data.loaders import load_records
 from gndpo.forward import encode_prompts, rollout_logprobs
-from gndpo.models import load_model
 from gndpo.rollout.base import SamplingParams
 from gndpo.rollout.decode import decode, filter_logits, sample_tokens, supports_decode_loop
 from gndpo.rollout.hf import HFRollout
-
-
-@pytest.fixture(scope="module", params=["text", "vlm"])
-def setup(request, tiny_dir):
-    kind = request.param
-    loaded = load_model(str(tiny_dir / f"{kind}_student"))
-    if kind == "text":
-        records = load_records(str(tiny_dir / "text.jsonl"), image_key=None)[:5]
-    else:
-        records = load_records(str(tiny_dir / "vlm" / "train.jsonl"))[:5]
-    return loaded, records
 
 
 def _frequent_eos(model, processor, records, k: int = 12) -> list[int]:
@@ -73,8 +60,8 @@ def test_inverse_cdf_draws_follow_the_probabilities():
     assert sample_tokens(torch.tensor([[0.1, 2.0, -1.0]]), greedy=True).tolist() == [1]
 
 
-def test_decode_first_token_distribution_matches_the_model(setup):
-    loaded, records = setup
+def test_decode_first_token_distribution_matches_the_model(student_and_records):
+    loaded, records = student_and_records
     model, processor = loaded.model, loaded.processor
     sampling = SamplingParams(n=4000, temperature=0.7, top_k=20, max_new_tokens=1)
     inputs = encode_prompts(processor, records[:1], suffix=None, system_prompt=None)
@@ -89,13 +76,13 @@ def test_decode_first_token_distribution_matches_the_model(setup):
 
 
 @pytest.mark.parametrize("room", [256, 1])
-def test_decode_logprobs_equal_the_trainers_recomputation(setup, room, monkeypatch):
+def test_decode_logprobs_equal_the_trainers_recomputation(student_and_records, room, monkeypatch):
     """Shared prefill, EOS rows leaving the batch mid-way, left padding and (room=1) the KV buffer growing at
     every few steps keep every conditional right."""
     import gndpo.rollout.decode
 
     monkeypatch.setattr(gndpo.rollout.decode, "INITIAL_ROOM", room)
-    loaded, records = setup
+    loaded, records = student_and_records
     model, processor = loaded.model, loaded.processor
     sampler = HFRollout(model, processor, suffix=None, micro_batch_size=12)  # 4 prompts per call, 2 calls
     sampler.eos_ids = _frequent_eos(model, processor, records)
@@ -111,8 +98,8 @@ def test_decode_logprobs_equal_the_trainers_recomputation(setup, room, monkeypat
 
 
 @pytest.mark.parametrize("n", [1, 3])
-def test_greedy_loop_equals_generate(setup, n):
-    loaded, records = setup
+def test_greedy_loop_equals_generate(student_and_records, n):
+    loaded, records = student_and_records
     model, processor = loaded.model, loaded.processor
     eos = _frequent_eos(model, processor, records, k=4)
     outs = []
@@ -128,8 +115,8 @@ def test_greedy_loop_equals_generate(setup, n):
     assert torch.equal(loop.prompt_lengths, gen.prompt_lengths)
 
 
-def test_loop_is_seeded_and_differs_from_generate_in_draws(setup):
-    loaded, records = setup
+def test_loop_is_seeded_and_differs_from_generate_in_draws(student_and_records):
+    loaded, records = student_and_records
     model, processor = loaded.model, loaded.processor
     sampling = SamplingParams(n=4, max_new_tokens=8)
     runs = {}
@@ -141,22 +128,22 @@ def test_loop_is_seeded_and_differs_from_generate_in_draws(setup):
     assert not torch.equal(runs["loop"][0], runs["generate"][0])  # same distribution, different draws
 
 
-def test_supports_decode_loop(setup):
-    loaded, records = setup
+def test_supports_decode_loop(student_and_records):
+    loaded, records = student_and_records
     inputs = encode_prompts(loaded.processor, records, suffix=None, system_prompt=None)
     assert supports_decode_loop(loaded.model, inputs)
     # a sequence-aligned input the loop would have to extend at every step: leave it to generate()
     assert not supports_decode_loop(loaded.model, {**inputs, "token_type_ids": torch.zeros_like(inputs["input_ids"])})
 
 
-def test_unknown_engine_is_a_clear_error(setup):
-    loaded, _ = setup
+def test_unknown_engine_is_a_clear_error(student_and_records):
+    loaded, _ = student_and_records
     with pytest.raises(ValueError, match="unknown rollout engine 'vllm'; choose one of loop, generate"):
         HFRollout(loaded.model, loaded.processor, suffix=None, engine="vllm")
 
 
-def test_min_new_tokens_suppresses_eos_in_both_engines(setup):
-    loaded, records = setup
+def test_min_new_tokens_suppresses_eos_in_both_engines(student_and_records):
+    loaded, records = student_and_records
     model, processor = loaded.model, loaded.processor
     eos = _frequent_eos(model, processor, records, k=4)
     outs = {}
