@@ -100,7 +100,7 @@ class AlgorithmConfig:
     old_logprobs: str = _f("recompute", "Student log-probs before the update (the ratio's denominator and the "
                            "distillation reward's student term): recompute = a separate forward pass, as the "
                            "official code does; sampler = the rollout's own log-probs of its tokens (rollout.engine="
-                           "loop reports them; equal to the recomputation up to float rounding, ~1e-6 in fp32), "
+                           "loop reports them; equal to the recomputation up to float rounding, at most ~5e-5 in fp32), "
                            "saving one student forward per step. Falls back to recompute when the sampler has none.",
                            choices=("recompute", "sampler"))
     epochs: int = _f(1, "Passes over each rollout batch.")
