@@ -177,3 +177,21 @@ def test_sampler_old_logprobs_skip_the_recompute_pass(tiny_dir, tmp_path, monkey
     assert not torch.equal(rec_a.old_logprobs, rec_b.old_logprobs)
     torch.testing.assert_close(rec_a.old_logprobs, rec_b.old_logprobs, rtol=0, atol=1e-5)
     torch.testing.assert_close(rec_a.advantages, rec_b.advantages, rtol=0, atol=1e-3)
+
+
+def test_sampler_old_logprobs_fall_back_to_recompute(tiny_dir, tmp_path, monkeypatch, caplog):
+    """A model the decode loop cannot drive is sampled by generate(), which reports no log-probs: recompute."""
+    import gndpo.rollout.hf
+    import gndpo.train
+
+    monkeypatch.setattr(gndpo.rollout.hf, "supports_decode_loop", lambda model, inputs=None: False)
+    calls = []
+    real = gndpo.train.rollout_logprobs
+    monkeypatch.setattr(gndpo.train, "rollout_logprobs", lambda *a, **k: calls.append(1) or real(*a, **k))
+    recs = []
+    with caplog.at_level("WARNING"):
+        train(make_cfg(tiny_dir, tmp_path / "run", steps=2, extra=["algorithm.old_logprobs=sampler"]),
+              callbacks=[recs.append])
+    assert len(calls) == 2 and all(r.rollouts.sampler_logprobs is None for r in recs)
+    assert all(r.old_logprobs is not None for r in recs)
+    assert sum("reports no log-probs; recomputing them" in m for m in caplog.messages) == 1

@@ -278,10 +278,10 @@ def train(cfg: RunConfig, *, dist: DistContext = LOCAL,
             old_lp = None  # taken from the update's own forward when the separate pass is redundant
             if a.old_logprobs == "sampler" and rollouts.sampler_logprobs is not None:
                 old_lp = rollouts.sampler_logprobs
-            elif a.old_logprobs == "sampler" and step == start_step:
-                log.warning("algorithm.old_logprobs=sampler: this model is sampled with transformers generate, "
-                            "which reports no log-probs; recomputing them")
             elif not old_logprobs_redundant(cfg):
+                if a.old_logprobs == "sampler" and step == start_step:
+                    log.warning("algorithm.old_logprobs=sampler: this model is sampled with transformers "
+                                "generate, which reports no log-probs; recomputing them")
                 with torch.no_grad():
                     old_lp = rollout_logprobs(model, processor, rollouts, micro_batch_size=t_cfg.micro_batch_size,
                                               suffix=suffix, system_prompt=cfg.data.system_prompt,

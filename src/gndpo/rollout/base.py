@@ -55,4 +55,8 @@ class Rollouts:
 
 
 class RolloutBackend(Protocol):
-    def generate(self, records: Sequence[PromptRecord], sampling: SamplingParams) -> Rollouts: ...
+    def generate(self, records: Sequence[PromptRecord], sampling: SamplingParams, *,
+                 encoded: Sequence[dict] | None = None) -> Rollouts:
+        """``encoded``: the prompts already encoded by :func:`gndpo.forward.encode_each` with the student's
+        processor, for backends that can use them (others ignore it)."""
+        ...
