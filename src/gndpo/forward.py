@@ -219,8 +219,8 @@ def _packed_prefix_hidden(base, prompt_inputs, rows, response_ids) -> torch.Tens
     slot = torch.empty_like(rows)
     first = torch.searchsorted(rows[order], torch.arange(U, device=device))
     slot[order] = torch.arange(B, device=device) - first[rows[order]]
-    k = int(slot.max()) + 1
-    L = P + k * R
+    slots = int(slot.max()) + 1  # samples of the most-sampled prompt
+    L = P + slots * R
     ids = ids_p.new_full((U, L), 0)
     ids[:, :P] = ids_p
     starts = P + slot * R  # (B,) where each response begins in its row
