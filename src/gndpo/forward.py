@@ -86,7 +86,18 @@ def prompt_lengths(processor, records: Sequence[PromptRecord], *, suffix: str | 
     return lengths
 
 
-def _uses_rope_index(base) -> bool:
+def cache_kwarg(module) -> str:
+    """Name of ``module.forward``'s KV-cache argument: ``cache`` since transformers 5.24, ``past_key_values`` before."""
+    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
+
+
+def returned_cache(out):
+    """The KV cache of a model output, under either name (renamed in transformers 5.24)."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
+def uses_rope_index(base) -> bool:
     # Qwen-VL style multimodal RoPE computes its own 3-D positions from input_ids and attention_mask.
     return hasattr(base, "get_rope_index")
 
@@ -107,7 +118,7 @@ def shares_prefixes(model) -> bool:
     checkpointing = getattr(model, "is_activation_checkpointing", None)
     if checkpointing is None:  # transformers < 5.24
         checkpointing = getattr(model, "is_gradient_checkpointing", False)
-    return base is not None and not _uses_rope_index(base) and not checkpointing
+    return base is not None and not uses_rope_index(base) and not checkpointing
 
 
 def response_logprobs(model, prompt_inputs: dict[str, Any], response_ids: torch.Tensor, response_mask: torch.Tensor,
@@ -156,7 +167,7 @@ def _joint_inputs(model, prompt_inputs, response_ids, response_mask):
     input_ids = torch.cat([prompt_inputs["input_ids"], response_ids], dim=1)  # (B, P+R)
     attention = torch.cat([prompt_inputs["attention_mask"], response_mask.to(prompt_inputs["attention_mask"].dtype)], 1)
     extra = {k: v for k, v in prompt_inputs.items() if k not in ("input_ids", "attention_mask")}
-    if not _uses_rope_index(getattr(model, "model", model)):
+    if not uses_rope_index(getattr(model, "model", model)):
         extra["position_ids"] = (attention.long().cumsum(-1) - 1).clamp(min=0)
     return input_ids, attention, extra
 
@@ -168,14 +179,13 @@ def _shared_prefix_hidden(base, prompt_inputs, rows, response_ids, response_mask
     pos_p = (attn_p.long().cumsum(-1) - 1).clamp(min=0)
     out_p = base(input_ids=prompt_inputs["input_ids"], attention_mask=attn_p, position_ids=pos_p, use_cache=True,
                  **extra)
-    cache = getattr(out_p, "cache", None) or out_p.past_key_values  # renamed in transformers 5.24
+    cache = returned_cache(out_p)
     cache.batch_select_indices(rows)  # (U, ...) -> (B, ...): each sample reads its prompt's keys/values
     R = response_ids.shape[1]
     attention = torch.cat([attn_p[rows], response_mask.to(attn_p.dtype)], 1)  # (B, P+R)
     pos_r = attn_p.long().sum(-1)[rows, None] + torch.arange(R, device=attn_p.device)  # (B, R)
-    cache_arg = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
     out_r = base(input_ids=response_ids, attention_mask=attention, position_ids=pos_r, use_cache=True,
-                 **{cache_arg: cache})
+                 **{cache_kwarg(base): cache})
     # the prompt's last state predicts the first response token; response states predict the rest
     return torch.cat([out_p.last_hidden_state[rows, -1:], out_r.last_hidden_state[:, :-1]], 1)
 

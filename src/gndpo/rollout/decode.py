@@ -20,6 +20,7 @@ from typing import Any, Sequence
 
 import torch
 
+from gndpo.forward import cache_kwarg, returned_cache, uses_rope_index
 from gndpo.rollout.base import SamplingParams
 
 # Spare KV-cache positions reserved after the prompt; the room doubles whenever it runs out.
@@ -36,7 +37,7 @@ def supports_decode_loop(model, prompt_inputs: dict[str, Any] | None = None) -> 
     if getattr(config, "is_encoder_decoder", False):
         return False
     base = getattr(model, "model", model)
-    if hasattr(base, "get_rope_index") or hasattr(model, "get_rope_index"):
+    if uses_rope_index(base) or uses_rope_index(model):
         return False
     params = inspect.signature(model.forward).parameters
     if "position_ids" not in params or not ({"cache", "past_key_values"} & set(params)):
@@ -157,15 +158,6 @@ def _reserve(cache, rows: torch.Tensor, limit: int):
     return cache
 
 
-def _cache_kwarg(model) -> str:
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
-def _returned_cache(out):
-    cache = getattr(out, "cache", None)  # renamed from past_key_values in transformers 5.24
-    return cache if cache is not None else out.past_key_values
-
-
 def decode(model, prompt_inputs: dict[str, Any], sampling: SamplingParams, *, eos_ids: Sequence[int],
            pad_id: int, suppress: Sequence[int] = (),
            generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -189,11 +181,11 @@ def _decode(model, prompt_inputs, sampling, *, eos_ids, pad_id, suppress, genera
     n, R = max(sampling.n, 1), sampling.max_new_tokens
     device = ids_p.device
     keep_last = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
-    cache_kw = _cache_kwarg(model)
+    cache_kw = cache_kwarg(model)
 
     out = model(input_ids=ids_p, attention_mask=mask_p, position_ids=(mask_p.long().cumsum(-1) - 1).clamp(min=0),
                 use_cache=True, **keep_last, **extra)
-    cache = _returned_cache(out)
+    cache = returned_cache(out)
     rows = torch.arange(U, device=device).repeat_interleave(n)  # (B,) prompt of each sample
     cache = _reserve(cache, rows, P + R)
     logits = out.logits[:, -1][rows]  # (B, V)
@@ -224,7 +216,7 @@ def _decode(model, prompt_inputs, sampling, *, eos_ids, pad_id, suppress, genera
             live, token, attention, position = live[keep.cpu()], token[keep], attention[keep], position[keep]
         out = model(input_ids=token[:, None], attention_mask=attention[:, :P + t + 1], position_ids=position[:, None],
                     use_cache=True, **{cache_kw: cache}, **keep_last)
-        cache = _returned_cache(out)
+        cache = returned_cache(out)
         logits = out.logits[:, -1]
         position = position + 1
     return result[:, :max(steps, 1)], logprobs[:, :max(steps, 1)]
