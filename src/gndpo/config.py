@@ -27,6 +27,25 @@ def _f(default: Any, help: str, *, choices: tuple | None = None, factory=None):
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
+# The language model's attention and MLP projections in every family gndpo tests (Qwen2/3, Llama, InternVL's
+# and Qwen-VL's text models); the vision tower and projector stay frozen under this default.
+LORA_DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class LoraConfig:
+    rank: int = _f(0, "LoRA rank r; 0 = off (full fine-tuning). Only the adapters (and modules_to_save) train.")
+    alpha: float = _f(32.0, "LoRA alpha: the adapter's update is scaled by alpha / rank.")
+    dropout: float = _f(0.0, "Dropout on the adapters' input.")
+    target_modules: Any = _f(None, "Modules that get adapters: a list of names or name suffixes, or one string, "
+                             "'all-linear' (every linear layer but the LM head) or a regular expression matched "
+                             "against full module names (PEFT's rules). Default: the language model's attention "
+                             "and MLP projections (the vision tower stays frozen).",
+                             factory=lambda: list(LORA_DEFAULT_TARGETS))
+    modules_to_save: list = _f(None, "Modules trained in full and saved beside the adapters (e.g. lm_head).",
+                               factory=list)
+
+
 @dataclass
 class ModelConfig:
     path: str = _f("", "Student: Hugging Face id or local directory (causal LM or image-text-to-text model).")
@@ -34,6 +53,7 @@ class ModelConfig:
     trust_remote_code: bool = _f(False, "Allow custom modelling code from the model repository.")
     attn_implementation: Optional[str] = _f(None, "Attention kernel passed to from_pretrained (sdpa, eager, flash_attention_2).")
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward to save memory.")
+    lora: LoraConfig = _f(None, "LoRA adapters (PEFT); off unless model.lora.rank > 0.", factory=LoraConfig)
 
 
 @dataclass
@@ -282,6 +302,17 @@ def validate(cfg: RunConfig) -> RunConfig:
     if a.scope == "group" and a.advantage not in DISTILLATION_ESTIMATORS:
         raise ConfigError("algorithm.scope applies to distillation estimators (gndpo, opd) only")
 
+    lora = cfg.model.lora
+    _check(lora.rank >= 0, "model.lora.rank must be >= 0 (0 = LoRA off)")
+    _check(lora.alpha > 0, "model.lora.alpha must be > 0")
+    _check(0 <= lora.dropout < 1, "model.lora.dropout must be in [0, 1)")
+    targets = lora.target_modules
+    _check((isinstance(targets, str) and bool(targets.strip())) or
+           (isinstance(targets, (list, tuple)) and len(targets) > 0 and all(isinstance(t, str) and t for t in targets)),
+           "model.lora.target_modules must be a non-empty list of module names, 'all-linear' or a regular expression")
+    _check(isinstance(lora.modules_to_save, (list, tuple)) and all(isinstance(t, str) and t for t in lora.modules_to_save),
+           "model.lora.modules_to_save must be a list of module names (e.g. [lm_head])")
+
     _check(cfg.model.path not in ("", "???"), "model.path is required: a Hugging Face id or a local model directory")
     _check(cfg.data.train not in ("", "???"), "data.train is required: a dataset file, directory or hub id")
     if a.advantage in DISTILLATION_ESTIMATORS:
@@ -340,13 +371,22 @@ def to_yaml(cfg: RunConfig) -> str:
 def help_text() -> str:
     """Every config key with its default and help, generated from the dataclasses."""
     lines = []
-    for section in dataclasses.fields(RunConfig):
-        cls = section.default_factory
-        lines.append(f"{section.name}:  {section.metadata.get('help', '')}")
+
+    def fields_of(cls, prefix: str) -> None:
         for f in dataclasses.fields(cls):
-            default = f.default if f.default is not dataclasses.MISSING else "?"
+            factory = f.default_factory if f.default_factory is not dataclasses.MISSING else None
+            if dataclasses.is_dataclass(factory):
+                fields_of(factory, f"{prefix}.{f.name}")
+                continue
+            default = f.default if f.default is not dataclasses.MISSING else (factory() if factory else "?")
             shown = "null" if default is None else ("(required)" if default == "" else default)
+            if isinstance(shown, (list, tuple)):
+                shown = "[" + ",".join(map(str, shown)) + "]"
             choices = f.metadata.get("choices")
             extra = f" [{'|'.join('null' if c is None else str(c) for c in choices)}]" if choices else ""
-            lines.append(f"  {section.name}.{f.name}={shown}{extra}  {f.metadata.get('help', '')}")
+            lines.append(f"  {prefix}.{f.name}={shown}{extra}  {f.metadata.get('help', '')}")
+
+    for section in dataclasses.fields(RunConfig):
+        lines.append(f"{section.name}:  {section.metadata.get('help', '')}")
+        fields_of(section.default_factory, section.name)
     return "\n".join(lines)
