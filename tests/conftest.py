@@ -88,16 +88,63 @@ def tiny_dir(tmp_path_factory):
     return root
 
 
-@pytest.fixture(scope="module", params=["text", "vlm"])
+def write_mixed_images(root, n: int = 8) -> None:
+    """``root/train.jsonl``: arithmetic prompts with 1, 0, 2, 1, 0, ... images of different sizes and aspect
+    ratios (InternVL tiles them differently, Qwen-VL gives them different grids), images as PNG files."""
+    from PIL import Image
+
+    root.mkdir(parents=True, exist_ok=True)
+    sizes = [(32, 32), (64, 32), (40, 72), (48, 48), (96, 40)]
+    with open(root / "train.jsonl", "w") as f:
+        for i in range(n):
+            count = (1, 0, 2)[i % 3]
+            names = []
+            for j in range(count):
+                w, h = sizes[(i + j) % len(sizes)]
+                name = f"img{i}_{j}.png"
+                Image.new("RGB", (w, h), ((37 * i) % 256, (91 * j + 40) % 256, 200)).save(root / name)
+                names.append(name)
+            a, b = i % 7, (3 * i) % 5
+            f.write(json.dumps({"id": f"m{i}", "problem": f"What is {a} plus {b}?", "answer": str(a + b),
+                                "images": names}) + "\n")
+
+
+@pytest.fixture(scope="session")
+def family_dir(tmp_path_factory):
+    """Tiny student/teacher pairs of every family in gndpo.lab.families (``{family}_student``,
+    ``{family}_teacher``), ``mixed/train.jsonl`` (0-2 images of varied sizes per prompt) and ``text.jsonl``."""
+    from gndpo.lab.families import FAMILIES, save_pair
+
+    root = tmp_path_factory.mktemp("families")
+    for family in FAMILIES:
+        save_pair(family, root)
+    write_mixed_images(root / "mixed")
+    with open(root / "text.jsonl", "w") as f:
+        for i in range(8):
+            f.write(json.dumps({"id": f"t{i}", "problem": f"What is {i % 7} plus {i % 5}?",
+                                "answer": str(i % 7 + i % 5)}) + "\n")
+    return root
+
+
+# text / vlm: the original Qwen2 + BPE and lab LLaVA students; the rest: the families users bring, VLMs with
+# prompts holding 0, 1 or 2 images of different sizes in one batch.
+STUDENT_KINDS = ["text", "vlm", "qwen3", "internvl", "qwen2_5_vl", "qwen3_vl"]
+
+
+@pytest.fixture(scope="module", params=STUDENT_KINDS)
 def student_and_records(request, tiny_dir):
-    """(LoadedModel, 5 prompt records): the tiny text student (Qwen2) or VLM student (LLaVA)."""
+    """(LoadedModel, 5 prompt records) for each kind of student in STUDENT_KINDS."""
     from gndpo.data.loaders import load_records
+    from gndpo.lab.families import VISION_FAMILIES
     from gndpo.models import load_model
 
     kind = request.param
-    loaded = load_model(str(tiny_dir / f"{kind}_student"))
-    if kind == "text":
-        records = load_records(str(tiny_dir / "text.jsonl"), image_key=None)[:5]
+    if kind in ("text", "vlm"):
+        loaded = load_model(str(tiny_dir / f"{kind}_student"))
+        data = tiny_dir / "text.jsonl" if kind == "text" else tiny_dir / "vlm" / "train.jsonl"
     else:
-        records = load_records(str(tiny_dir / "vlm" / "train.jsonl"))[:5]
+        root = request.getfixturevalue("family_dir")
+        loaded = load_model(str(root / f"{kind}_student"))
+        data = root / "mixed" / "train.jsonl" if kind in VISION_FAMILIES else root / "text.jsonl"
+    records = load_records(str(data), image_key="images" if loaded.is_vlm else None)[:5]
     return loaded, records

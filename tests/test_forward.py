@@ -106,3 +106,30 @@ def test_shared_prefix_path_equals_one_row_per_response(student_and_records, pat
     for a, b in zip(g_a, g_b):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     model.zero_grad()
+
+
+def test_mixed_batch_scores_equal_each_prompt_alone(student_and_records, request):
+    """Prompts with two images, one or none, of different sizes (InternVL tiles, Qwen-VL grids) in one
+    micro-batch: every response's log-probs equal those computed with its prompt alone."""
+    loaded, records = student_and_records
+    model, processor = loaded.model, loaded.processor
+    if loaded.is_vlm and request.node.callspec.params["student_and_records"] != "vlm":  # the lab's are uniform
+        counts = sorted({len(r.images) for r in records})
+        sizes = {im.size for r in records for im in r.images}
+        assert counts == [0, 1, 2] and len(sizes) >= 3, (counts, sizes)
+    torch.manual_seed(4)
+    ro = HFRollout(model, processor, suffix=None, micro_batch_size=16).generate(
+        records, SamplingParams(n=2, temperature=1.2, max_new_tokens=6))
+    with torch.no_grad():
+        together = rollout_logprobs(model, processor, ro, micro_batch_size=ro.size, suffix=None, system_prompt=None)
+        alone = torch.cat([_alone(model, processor, ro, i) for i in range(ro.size)])
+    torch.testing.assert_close(together, alone, rtol=0, atol=1e-5)
+
+
+def _alone(model, processor, ro, i):
+    """Log-probs (1, R) of response i with its prompt encoded and scored on its own."""
+    one = ro.select([i])
+    one = Rollouts((ro.records[int(ro.prompt_index[i])],), torch.zeros(1, dtype=torch.long), one.response_ids,
+                   one.response_mask, one.texts, one.truncated, one.prompt_lengths)
+    lp = rollout_logprobs(model, processor, one, micro_batch_size=1, suffix=None, system_prompt=None)
+    return torch.nn.functional.pad(lp, (0, ro.response_ids.shape[1] - lp.shape[1]))

@@ -56,22 +56,28 @@ def collate_prompts(encoded: Sequence[dict[str, torch.Tensor]], *, pad_id: int,
 
     Tensors aligned with the token sequence are left-padded (``input_ids`` with ``pad_id``, the rest with
     0); image tensors (pixel values, grids, sizes) are concatenated along their first dimension, which is
-    how every Hugging Face VLM processor batches them.
+    how every Hugging Face VLM processor batches them. A prompt without images has no image tensors: the
+    batch holds those of the prompts that have them, in prompt order, as the model consumes them.
     """
     P = max(e["input_ids"].shape[1] for e in encoded)
+    keys = list(dict.fromkeys(k for e in encoded for k in e))  # union, first-seen order
     out: dict[str, torch.Tensor] = {}
-    for key, first in encoded[0].items():
+    for key in keys:
+        present = [e for e in encoded if key in e]
+        first = present[0][key]
         if not isinstance(first, torch.Tensor):
             out[key] = first
             continue
-        seq_aligned = first.dim() >= 2 and first.shape[:2] == encoded[0]["input_ids"].shape
+        seq_aligned = first.dim() >= 2 and first.shape[:2] == present[0]["input_ids"].shape
         if seq_aligned:
             fill = pad_id if key == "input_ids" else 0
-            parts = [torch.nn.functional.pad(e[key], (P - e[key].shape[1], 0) if e[key].dim() == 2 else
-                                             (0, 0) * (e[key].dim() - 2) + (P - e[key].shape[1], 0), value=fill)
-                     for e in encoded]
+            parts = []
+            for e in encoded:
+                x = e[key] if key in e else torch.zeros_like(e["input_ids"], dtype=first.dtype)
+                pad = (P - x.shape[1], 0) if x.dim() == 2 else (0, 0) * (x.dim() - 2) + (P - x.shape[1], 0)
+                parts.append(torch.nn.functional.pad(x, pad, value=fill))
         else:
-            parts = [e[key] for e in encoded]
+            parts = [e[key] for e in present]
         out[key] = torch.cat(parts, 0).to(device)
     return out
 
@@ -98,8 +104,64 @@ def returned_cache(out):
 
 
 def uses_rope_index(base) -> bool:
-    # Qwen-VL style multimodal RoPE computes its own 3-D positions from input_ids and attention_mask.
+    # Qwen-VL style multimodal RoPE: positions come from the model's get_rope_index (one row per axis).
     return hasattr(base, "get_rope_index")
+
+
+def rope_base(model):
+    """The module holding ``get_rope_index`` (the inner model of Qwen-VL), or None for 1-D positions."""
+    for candidate in (getattr(model, "model", None), model):
+        if candidate is not None and uses_rope_index(candidate):
+            return candidate
+    return None
+
+
+def prompt_positions(model, prompt_inputs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Position ids of left-padded prompts and the position of the first token after each.
+
+    Returns ``(positions, next_position)``: ``(U, P)`` and ``(U,)`` for the usual 1-D RoPE, where positions
+    count the real tokens (``cumsum(mask) - 1``); ``(K, U, P)`` and ``(U,)`` for multimodal RoPE (Qwen-VL:
+    K = 3 axes), from the model's ``get_rope_index``. Text after the prompt advances every axis by one per
+    token from ``next_position``, which is how those models continue a sequence: a response's positions are
+    ``next_position + arange(R)`` on every axis (:func:`continue_positions`).
+    """
+    attn = prompt_inputs["attention_mask"]
+    base = rope_base(model)
+    if base is None:
+        return (attn.long().cumsum(-1) - 1).clamp(min=0), attn.long().sum(-1)
+    ids = prompt_inputs["input_ids"]
+    types = prompt_inputs.get("mm_token_type_ids")
+    if types is None:  # no multimodal tokens (a tokenizer-only prompt): text positions on every axis
+        flat = (attn.long().cumsum(-1) - 1).clamp(min=0)
+        return flat[None].expand(3, -1, -1), attn.long().sum(-1)
+    positions, delta = base.get_rope_index(ids, mm_token_type_ids=types,
+                                           image_grid_thw=prompt_inputs.get("image_grid_thw"),
+                                           video_grid_thw=prompt_inputs.get("video_grid_thw"),
+                                           attention_mask=attn)
+    # delta = (largest position + 1) - (real tokens), so the next text position is real tokens + delta
+    return positions, attn.long().sum(-1) + delta.reshape(-1).to(attn.device)
+
+
+def continue_positions(prompt_pos: torch.Tensor, next_pos: torch.Tensor, length: int) -> torch.Tensor:
+    """Positions ``(B, length)`` (or ``(K, B, length)`` when ``prompt_pos`` is multimodal) of text that
+    follows prompts whose next position is ``next_pos`` ``(B,)``."""
+    pos = next_pos[:, None] + torch.arange(length, device=next_pos.device)  # (B, L)
+    return pos[None].expand(prompt_pos.shape[0], -1, -1) if prompt_pos.dim() == 3 else pos
+
+
+def _seq_aligned_extra(prompt_inputs: dict[str, Any], rows: torch.Tensor | None = None, pad: int = 0) -> dict:
+    """Model inputs beyond ids and mask; token-aligned ones (e.g. Qwen-VL's ``mm_token_type_ids``) are
+    selected by ``rows`` and right-extended by ``pad`` text positions, since the response is text."""
+    shape = prompt_inputs["input_ids"].shape
+    out = {}
+    for key, value in prompt_inputs.items():
+        if key in ("input_ids", "attention_mask"):
+            continue
+        if isinstance(value, torch.Tensor) and value.dim() == 2 and value.shape == shape:
+            value = value if rows is None else value[rows]
+            value = torch.nn.functional.pad(value, (0, pad)) if pad else value
+        out[key] = value
+    return out
 
 
 def _head(model):
@@ -118,7 +180,7 @@ def shares_prefixes(model) -> bool:
     checkpointing = getattr(model, "is_activation_checkpointing", None)
     if checkpointing is None:  # transformers < 5.24
         checkpointing = getattr(model, "is_gradient_checkpointing", False)
-    return base is not None and not uses_rope_index(base) and not checkpointing
+    return base is not None and not checkpointing
 
 
 def response_logprobs(model, prompt_inputs: dict[str, Any], response_ids: torch.Tensor, response_mask: torch.Tensor,
@@ -135,10 +197,11 @@ def response_logprobs(model, prompt_inputs: dict[str, Any], response_ids: torch.
     rows = torch.arange(B, device=response_ids.device) if prompt_index is None else prompt_index
     base, head = _head(model)
     if base is not None and shares_prefixes(model) and prompt_inputs["input_ids"].shape[0] < B:
+        positions = prompt_positions(model, prompt_inputs)
         if _packable(model, prompt_inputs, rows, R):
-            h = _packed_prefix_hidden(base, prompt_inputs, rows, response_ids)
+            h = _packed_prefix_hidden(base, prompt_inputs, rows, response_ids, positions)
         else:
-            h = _shared_prefix_hidden(base, prompt_inputs, rows, response_ids, response_mask)
+            h = _shared_prefix_hidden(base, prompt_inputs, rows, response_ids, response_mask, positions)
     elif prompt_inputs["input_ids"].shape[0] != B:
         raise ValueError("prompt_inputs must hold one row per response unless the model shares prefixes")
     elif base is not None:
@@ -163,27 +226,29 @@ def _masked(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def _joint_inputs(model, prompt_inputs, response_ids, response_mask):
-    """Prompt + response as one left/right-padded sequence ``(B, P+R)`` with left-padding-aware positions."""
+    """Prompt + response as one left/right-padded sequence ``(B, P+R)`` with left-padding-aware positions
+    (multimodal ones for Qwen-VL, continuing each prompt's)."""
+    R = response_ids.shape[1]
     input_ids = torch.cat([prompt_inputs["input_ids"], response_ids], dim=1)  # (B, P+R)
     attention = torch.cat([prompt_inputs["attention_mask"], response_mask.to(prompt_inputs["attention_mask"].dtype)], 1)
-    extra = {k: v for k, v in prompt_inputs.items() if k not in ("input_ids", "attention_mask")}
-    if not uses_rope_index(getattr(model, "model", model)):
-        extra["position_ids"] = (attention.long().cumsum(-1) - 1).clamp(min=0)
+    extra = _seq_aligned_extra(prompt_inputs, pad=R)
+    pos_p, next_p = prompt_positions(model, prompt_inputs)
+    extra["position_ids"] = torch.cat([pos_p, continue_positions(pos_p, next_p, R)], -1)  # (B, P+R) or (K, B, P+R)
     return input_ids, attention, extra
 
 
-def _shared_prefix_hidden(base, prompt_inputs, rows, response_ids, response_mask) -> torch.Tensor:
+def _shared_prefix_hidden(base, prompt_inputs, rows, response_ids, response_mask, positions) -> torch.Tensor:
     """Hidden states ``(B, R, H)`` predicting each response token, running each of the U prompts once."""
     attn_p = prompt_inputs["attention_mask"]  # (U, P)
-    extra = {k: v for k, v in prompt_inputs.items() if k not in ("input_ids", "attention_mask")}
-    pos_p = (attn_p.long().cumsum(-1) - 1).clamp(min=0)
+    extra = _seq_aligned_extra(prompt_inputs)
+    pos_p, next_p = positions
     out_p = base(input_ids=prompt_inputs["input_ids"], attention_mask=attn_p, position_ids=pos_p, use_cache=True,
                  **extra)
     cache = returned_cache(out_p)
     cache.batch_select_indices(rows)  # (U, ...) -> (B, ...): each sample reads its prompt's keys/values
     R = response_ids.shape[1]
     attention = torch.cat([attn_p[rows], response_mask.to(attn_p.dtype)], 1)  # (B, P+R)
-    pos_r = attn_p.long().sum(-1)[rows, None] + torch.arange(R, device=attn_p.device)  # (B, R)
+    pos_r = continue_positions(pos_p, next_p[rows], R)  # (B, R) or (K, B, R)
     out_r = base(input_ids=response_ids, attention_mask=attention, position_ids=pos_r, use_cache=True,
                  **{cache_kwarg(base): cache})
     # the prompt's last state predicts the first response token; response states predict the rest
@@ -211,7 +276,7 @@ def _packable(model, prompt_inputs, rows: torch.Tensor, R: int) -> bool:
     return prompt_inputs["input_ids"].shape[1] + int(counts.max()) * R <= PACK_TOKENS
 
 
-def _packed_prefix_hidden(base, prompt_inputs, rows, response_ids) -> torch.Tensor:
+def _packed_prefix_hidden(base, prompt_inputs, rows, response_ids, positions) -> torch.Tensor:
     """Hidden states ``(B, R, H)`` predicting each response token, from one forward over ``U`` rows that each
     hold a (left-padded) prompt followed by all its samples ``[prompt | response 1 | response 2 | ...]``.
 
@@ -239,16 +304,17 @@ def _packed_prefix_hidden(base, prompt_inputs, rows, response_ids) -> torch.Tens
     segment = torch.full((U, L), -1, dtype=torch.long, device=device)  # -1 empty, 0 prompt, s + 1 response
     segment[:, :P] = torch.where(attn_p.bool(), 0, -1)
     segment[rows[:, None], cols] = (slot + 1)[:, None]
-    position = torch.zeros(U, L, dtype=torch.long, device=device)
-    position[:, :P] = (attn_p.long().cumsum(-1) - 1).clamp(min=0)
-    position[rows[:, None], cols] = attn_p.long().sum(-1)[rows, None] + torch.arange(R, device=device)
+    pos_p, next_p = positions  # (U, P) or (K, U, P) for multimodal RoPE
+    position = pos_p.new_zeros(*pos_p.shape[:-1], L)  # (U, L) or (K, U, L)
+    position[..., :P] = pos_p
+    position[..., rows[:, None], cols] = continue_positions(pos_p, next_p[rows], R)
     index = torch.arange(L, device=device)
     seg_q, seg_k = segment[:, :, None], segment[:, None, :]  # (U, L, 1), (U, 1, L)
     allowed = (index[:, None] >= index[None, :]) & (seg_k >= 0) & ((seg_k == 0) | (seg_k == seg_q))
     allowed |= torch.eye(L, dtype=torch.bool, device=device)  # empty slots attend to themselves (no NaN rows)
     dtype = next(base.parameters()).dtype
     mask = torch.zeros(U, 1, L, L, dtype=dtype, device=device).masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
-    extra = {k: v for k, v in prompt_inputs.items() if k not in ("input_ids", "attention_mask")}
+    extra = _seq_aligned_extra(prompt_inputs, pad=L - P)
     hidden = base(input_ids=ids, attention_mask=mask, position_ids=position, use_cache=False,
                   **extra).last_hidden_state  # (U, L, H)
     # the prompt's last state predicts a response's first token; its own states predict the rest

@@ -20,24 +20,23 @@ from typing import Any, Sequence
 
 import torch
 
-from gndpo.forward import cache_kwarg, returned_cache, uses_rope_index
+from gndpo.forward import cache_kwarg, continue_positions, prompt_positions, returned_cache
 from gndpo.rollout.base import SamplingParams
 
 # Spare KV-cache positions reserved after the prompt; the room doubles whenever it runs out.
 INITIAL_ROOM = 256
-# Inputs a decode step can go without: the prompt's images are already in the KV cache.
-_PREFILL_ONLY = ("pixel_values", "image_sizes", "image_grid_thw", "pixel_attention_mask", "image_attention_mask")
+# Inputs a decode step can go without: the prompt's images are in the KV cache, and the positions they shape
+# (Qwen-VL's multimodal RoPE, from the token types and image grids) are computed once at prefill.
+_PREFILL_ONLY = ("pixel_values", "image_sizes", "image_grid_thw", "pixel_attention_mask", "image_attention_mask",
+                 "mm_token_type_ids")
 
 
 def supports_decode_loop(model, prompt_inputs: dict[str, Any] | None = None) -> bool:
-    """Whether :func:`decode` can drive ``model``: a decoder-only model whose positions are the usual
-    ``cumsum(attention_mask) - 1`` (not Qwen-VL's multimodal RoPE, which the model derives itself) and whose
-    inputs beyond ids and mask are only image tensors consumed at prefill."""
+    """Whether :func:`decode` can drive ``model``: a decoder-only model that takes explicit positions
+    (1-D, or Qwen-VL's multimodal ones from its ``get_rope_index``) and a KV cache, and whose inputs beyond
+    ids and mask are only consumed at prefill (images and what places them)."""
     config = getattr(model, "config", None)
     if getattr(config, "is_encoder_decoder", False):
-        return False
-    base = getattr(model, "model", model)
-    if uses_rope_index(base) or uses_rope_index(model):
         return False
     params = inspect.signature(model.forward).parameters
     if "position_ids" not in params or not ({"cache", "past_key_values"} & set(params)):
@@ -183,8 +182,8 @@ def _decode(model, prompt_inputs, sampling, *, eos_ids, pad_id, suppress, genera
     keep_last = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
     cache_kw = cache_kwarg(model)
 
-    out = model(input_ids=ids_p, attention_mask=mask_p, position_ids=(mask_p.long().cumsum(-1) - 1).clamp(min=0),
-                use_cache=True, **keep_last, **extra)
+    pos_p, next_p = prompt_positions(model, prompt_inputs)  # (U, P) or (K, U, P); (U,)
+    out = model(input_ids=ids_p, attention_mask=mask_p, position_ids=pos_p, use_cache=True, **keep_last, **extra)
     cache = returned_cache(out)
     rows = torch.arange(U, device=device).repeat_interleave(n)  # (B,) prompt of each sample
     cache = _reserve(cache, rows, P + R)
@@ -192,7 +191,7 @@ def _decode(model, prompt_inputs, sampling, *, eos_ids, pad_id, suppress, genera
     B = U * n
     attention = torch.zeros(B, P + R, dtype=mask_p.dtype, device=device)  # grows into columns P, P+1, ...
     attention[:, :P] = mask_p[rows]
-    position = mask_p.long().sum(-1)[rows]  # (B,) position of the next token
+    position = next_p[rows]  # (B,) position of the next token (on every axis for multimodal RoPE)
     result = torch.full((B, R), pad_id, dtype=torch.long)
     logprobs = torch.zeros(B, R, dtype=torch.float32)
     live = torch.arange(B)  # result row of each row still decoding
@@ -214,8 +213,9 @@ def _decode(model, prompt_inputs, sampling, *, eos_ids, pad_id, suppress, genera
             keep = torch.nonzero(~done).flatten()
             cache.batch_select_indices(keep)
             live, token, attention, position = live[keep.cpu()], token[keep], attention[keep], position[keep]
-        out = model(input_ids=token[:, None], attention_mask=attention[:, :P + t + 1], position_ids=position[:, None],
-                    use_cache=True, **{cache_kw: cache}, **keep_last)
+        out = model(input_ids=token[:, None], attention_mask=attention[:, :P + t + 1],
+                    position_ids=continue_positions(pos_p, position, 1), use_cache=True, **{cache_kw: cache},
+                    **keep_last)
         cache = returned_cache(out)
         logits = out.logits[:, -1]
         position = position + 1

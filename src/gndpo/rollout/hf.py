@@ -27,7 +27,8 @@ class HFRollout:
     """Samples ``n`` responses per prompt from the student; never emits image placeholders or padding.
 
     ``engine="loop"`` (default) runs :func:`gndpo.rollout.decode.decode`, which prefills each prompt once
-    for its samples; models it cannot drive (Qwen-VL's multimodal RoPE, encoder-decoders) fall back to
+    for its samples (Qwen-VL included: positions come from its multimodal RoPE index); models it cannot
+    drive (encoder-decoders, inputs it would have to extend at every step) fall back to
     ``transformers.generate``, which ``engine="generate"`` always uses. Both sample the same distribution.
     """
 
