@@ -45,6 +45,9 @@ _FAMILY_SPECIALS = {
     "llava": {"image_token": "<image>"},
 }
 _FAMILY_SPECIALS["qwen3_vl"] = _FAMILY_SPECIALS["qwen2_5_vl"]
+# Qwen3's vocabulary (and so InternVL3.5's and Qwen3-VL's) holds the reasoning markers as added tokens; Qwen2's
+# does not, which is one way real tokenizers of neighbouring families differ.
+_THINK_FAMILIES = ("qwen3", "internvl", "qwen3_vl")
 
 # Student and teacher sizes: text width, layers, heads, KV heads, head dim; vision width and depth.
 SIZES = {
@@ -81,7 +84,7 @@ def chat_template(family: str) -> str:
 
 def build_tokenizer(family: str, vocab_size: int = 320):
     """Byte-level BPE trained offline, with ChatML and the family's image tokens as special tokens."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     extra = _FAMILY_SPECIALS.get(family, {})
@@ -92,6 +95,8 @@ def build_tokenizer(family: str, vocab_size: int = 320):
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(_CORPUS, trainer=trainer)
+    if family in _THINK_FAMILIES:
+        tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in ("<think>", "</think>")])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=PAD,
                                    additional_special_tokens=[IM_START], extra_special_tokens=dict(extra),
                                    padding_side="left", model_max_length=4096)
