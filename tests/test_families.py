@@ -113,3 +113,52 @@ def test_cross_family_pair_is_a_one_line_cli_error(family_dir, tmp_path, capsys)
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2
     assert err[-1].startswith("error: student and teacher vocabularies differ") and "Traceback" not in "".join(err)
+
+
+def _pixels_seen(monkeypatch, cfg):
+    """Run one step of ``cfg``; return {"model": [...], "teacher": [...]}: pixel_values each model's forward got."""
+    import gndpo.train
+
+    seen: dict[str, list] = {"model": [], "teacher": []}
+    real_load = gndpo.train.load_model
+
+    def spying_load(path, *, what="model", **kw):
+        loaded = real_load(path, what=what, **kw)
+        loaded.model.model.register_forward_pre_hook(
+            lambda m, a, k: seen[what].append(k["pixel_values"].shape) if k.get("pixel_values") is not None else None,
+            with_kwargs=True)
+        return loaded
+
+    monkeypatch.setattr(gndpo.train, "load_model", spying_load)
+    gndpo.train.train(cfg)
+    return seen
+
+
+@pytest.mark.parametrize("family,options", [
+    ("internvl", ["data.max_image_tiles=1"]),  # one tile per image, no thumbnail
+    ("qwen2_5_vl", ["data.max_pixels=256"]),  # every image down to ~16x16 px
+    ("qwen3_vl", ["data.min_pixels=1024", "data.max_pixels=1024"]),  # every image to ~32x32 px
+])
+def test_image_options_reach_student_and_teacher(family_dir, tmp_path, monkeypatch, family, options):
+    runs = {}
+    for name, extra in (("default", []), ("set", options)):
+        cfg = family_cfg(family_dir, family, tmp_path / name, method="opd", steps=1, extra=extra)
+        runs[name] = _pixels_seen(monkeypatch, cfg)
+    for who in ("model", "teacher"):
+        default = sum(s[0] for s in runs["default"][who])
+        changed = sum(s[0] for s in runs["set"][who])
+        assert changed < default, (who, default, changed)
+    # the teacher still sees exactly the student's images
+    assert set(runs["set"]["teacher"]) <= set(runs["set"]["model"])
+
+
+@pytest.mark.parametrize("family,option", [("llava", "data.max_image_tiles=2"), ("internvl", "data.max_pixels=4096"),
+                                           ("qwen2_5_vl", "data.max_image_tiles=4")])
+def test_image_option_the_processor_lacks_is_a_one_line_error(family_dir, tmp_path, capsys, family, option):
+    from gndpo.cli import main
+
+    rc = main(["train", f"model.path={family_dir / f'{family}_student'}",
+               f"teacher.path={family_dir / f'{family}_teacher'}", f"data.train={family_dir / 'mixed' / 'train.jsonl'}",
+               "trainer.device=cpu", f"trainer.output_dir={tmp_path / 'run'}", "logging.progress=false", option])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err[-1].startswith(f"error: {option.split('=')[0]} applies to") and "remove" in err[-1]

@@ -8,6 +8,7 @@ Layout::
       checkpoints/
         step-000012/
           config.json, model.safetensors, generation_config.json   student, HF save_pretrained layout
+            (LoRA runs: adapter_config.json, adapter_model.safetensors instead, PEFT's layout; no base weights)
           tokenizer / processor files                             when a processor is given
           trainer_state.pt            optimizer, scheduler, RNG states, user state (step, data position)
           config.yaml                 the run config at save time
@@ -20,7 +21,9 @@ step renames the old one to ``.old-…`` first; deleting (``keep_last``) renames
 Leftovers of interrupted saves are cleaned (or, for ``.old-…``, put back) on the next save or resume.
 
 Only the process that saves should call these functions (rank 0 in a distributed run), with the full,
-unwrapped model.
+unwrapped model (or, for a LoRA run, its PEFT wrapper from :func:`gndpo.lora.apply_lora`).
+
+:func:`export_checkpoint` turns a checkpoint into a standalone Hugging Face directory (``gndpo export``).
 """
 from __future__ import annotations
 
@@ -41,6 +44,7 @@ import yaml
 from gndpo.atomic import atomic_write_text as _atomic_write_text
 from gndpo.atomic import fsync_dir as _fsync_dir
 from gndpo.errors import GndpoError
+from gndpo.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, is_adapter_checkpoint, load_adapter_state, merge_adapters
 
 CHECKPOINTS_DIR = "checkpoints"
 COMPLETE_MARKER = "COMPLETE"
@@ -295,6 +299,11 @@ def _saved_weights(model, ckpt_dir: Path) -> Mapping[str, torch.Tensor]:
     return fresh.state_dict()
 
 
+def _is_peft(model) -> bool:
+    # PEFT is optional: its wrapper is recognized by what it carries, without importing it
+    return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
+
+
 def load_checkpoint(ckpt_dir: str | Path, *, model, optimizer=None, scheduler=None, restore_rng: bool = True) -> dict:
     """Load a checkpoint into ``model`` (in place) and, when given, ``optimizer`` and ``scheduler``; restore
     the RNG states unless ``restore_rng`` is False. Returns the ``state`` dict saved with it."""
@@ -307,7 +316,10 @@ def load_checkpoint(ckpt_dir: str | Path, *, model, optimizer=None, scheduler=No
     trainer_state = torch.load(ckpt_dir / TRAINER_STATE, map_location="cpu", weights_only=False)
 
     with torch.no_grad():
-        _load_into(model, _saved_weights(model, ckpt_dir), ckpt_dir)
+        if _is_peft(model) or is_adapter_checkpoint(ckpt_dir):
+            load_adapter_state(model, ckpt_dir)
+        else:
+            _load_into(model, _saved_weights(model, ckpt_dir), ckpt_dir)
     if optimizer is not None:
         if trainer_state.get("optimizer") is None:
             raise GndpoError(f"checkpoint {ckpt_dir} holds no optimizer state; load it without an optimizer")
@@ -377,3 +389,80 @@ def prepare_run_dir(run_dir: str | Path, *, config: Mapping, resume: bool) -> Pa
         return None
     _tidy(run_dir / CHECKPOINTS_DIR)
     return latest_checkpoint(run_dir)
+
+
+# ---------------------------------------------------------------------------------------------- export
+# Files of a checkpoint that belong to the trainer, not to the model: never exported.
+_TRAINER_FILES = (TRAINER_STATE, CHECKPOINT_CONFIG, COMPLETE_MARKER)
+
+
+def _find_checkpoint(run_dir: Path, step: int | None) -> Path:
+    if not run_dir.is_dir():
+        raise GndpoError(f"run directory {run_dir} does not exist; pass the trainer.output_dir of a run")
+    found = list_checkpoints(run_dir)
+    if not found:
+        raise GndpoError(f"{run_dir} holds no complete checkpoint; train with checkpoint.save_final=true or "
+                         "checkpoint.every=N first")
+    if step is None:
+        return found[-1]
+    path = checkpoint_path(run_dir, step)
+    if path not in found:
+        steps = ", ".join(str(int(_STEP_RE.match(p.name).group(1))) for p in found)
+        raise GndpoError(f"{run_dir} has no complete checkpoint of step {step}; available steps: {steps}")
+    return path
+
+
+def export_checkpoint(run_dir: str | Path, *, step: int | None = None, out: str | Path | None = None,
+                      merge: bool = False) -> tuple[Path, str]:
+    """Write a checkpoint of a run (default: the newest complete one) as a standalone Hugging Face directory
+    with its processor, atomically; returns the directory and what it holds.
+
+    A full fine-tuning checkpoint is copied without the trainer's files. A LoRA checkpoint gives the adapter
+    directory (PEFT's layout, loadable with ``PeftModel.from_pretrained`` on the run's base model) or, with
+    ``merge``, the base model (``model.path`` in ``run_config.yaml``) with the adapters merged in, which loads
+    with plain transformers. ``out`` defaults to ``RUN_DIR/export/step-N`` (``step-N-merged`` with ``merge``)
+    and must not exist.
+    """
+    run_dir = Path(run_dir)
+    ckpt = _find_checkpoint(run_dir, step)
+    out = Path(out) if out is not None else run_dir / "export" / f"{ckpt.name}{'-merged' if merge else ''}"
+    if out.exists():
+        raise GndpoError(f"export directory {out} already exists; pass another --out or remove it")
+    adapters = is_adapter_checkpoint(ckpt)
+    base = None
+    if adapters and merge:
+        config_file = run_dir / RUN_CONFIG
+        if not config_file.is_file():
+            raise GndpoError(f"{run_dir} has no {RUN_CONFIG} naming the base model; cannot merge the adapters")
+        model_cfg = (yaml.safe_load(config_file.read_text(encoding="utf-8")) or {}).get("model") or {}
+        base = model_cfg.get("path")
+        if not base:
+            raise GndpoError(f"{config_file} names no model.path (the base model); cannot merge the adapters")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".tmp-{out.name}-{os.getpid()}")
+    try:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        skip = set(_TRAINER_FILES)
+        if base is not None:  # the processor files only; the merged model replaces the adapter files
+            skip |= {ADAPTER_CONFIG, ADAPTER_WEIGHTS, "README.md"}  # README.md: PEFT's adapter card
+        for entry in ckpt.iterdir():
+            if entry.name not in skip:
+                (shutil.copytree if entry.is_dir() else shutil.copy2)(entry, tmp / entry.name)
+        if base is not None:
+            merge_adapters(ckpt, tmp, base_path=base, trust_remote_code=bool(model_cfg.get("trust_remote_code")))
+        _fsync_tree(tmp)
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _fsync_dir(out.parent)
+    step_n = int(_STEP_RE.match(ckpt.name).group(1))
+    if base is not None:
+        what = f"the LoRA adapters of step {step_n} merged into {base}"
+    elif adapters:
+        what = f"the LoRA adapters of step {step_n} (PEFT layout; --merge writes a full model)"
+    else:
+        what = f"the full model of step {step_n}"
+    return out, what

@@ -1,4 +1,4 @@
-"""``gndpo train | eval | lab | plot``: the command line.
+"""``gndpo train | eval | lab | plot | export``: the command line.
 
 User mistakes (bad config, missing data, incompatible models) print one ``error:`` line and exit 2.
 """
@@ -41,9 +41,31 @@ def _train(args: argparse.Namespace) -> int:
         overrides.append("trainer.resume=true")
     cfg = load_config(args.config, overrides)
     if args.dry_run:
+        from gndpo.errors import ModelError
+        from gndpo.plan import build_plan, default_world_size, format_plan, parse_memory
+
+        gpu_memory = None if args.gpu_memory is None else parse_memory(args.gpu_memory)
+        world_size = default_world_size() if args.world_size is None else args.world_size
         print(to_yaml(cfg), end="")
         print("config is valid (dry run: no model loaded)", file=sys.stderr)
+        # The plan is printed as YAML comments, so stdout stays the resolved config (`--dry-run > run.yaml`).
+        try:
+            plan = build_plan(cfg, world_size=world_size, shard=args.shard or "none", shard_teacher=args.shard_teacher,
+                              gpu_memory=gpu_memory)
+        except ModelError as exc:
+            if gpu_memory is not None:  # asked to check the memory, and cannot: an error, not a silent pass
+                raise
+            print(f"# plan: unavailable ({exc})")
+            return 0
+        print("\n".join(f"# {line}".rstrip() for line in format_plan(plan).splitlines()))
+        for warning in plan.warnings:  # a warning, not an error: the estimate is a worst case
+            print(f"warning: {warning}", file=sys.stderr)
         return 0
+    if args.gpu_memory is not None or args.world_size is not None or args.shard is not None or args.shard_teacher:
+        from gndpo.errors import ConfigError
+
+        raise ConfigError("--gpu-memory, --world-size, --shard and --shard-teacher size the resource plan; "
+                          "add --dry-run")
     from gndpo.train import train
 
     metrics = train(cfg)
@@ -85,6 +107,14 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from gndpo.checkpoint import export_checkpoint
+
+    out, what = export_checkpoint(args.run_dir, step=args.step, out=args.out, merge=args.merge)
+    print(f"wrote {out}: {what}")
+    return 0
+
+
 def _lab(args: argparse.Namespace) -> int:
     from gndpo.lab.run import lab_main
 
@@ -104,8 +134,17 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_TRAIN_EPILOG + help_text())
     p.add_argument("config", nargs="?", help="YAML config file (optional: overrides alone are enough)")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides")
-    p.add_argument("--dry-run", action="store_true", help="validate and print the resolved config; load no model")
+    p.add_argument("--dry-run", action="store_true", help="validate and print the resolved config and its resource "
+                   "plan (parameter counts, memory per GPU, from config.json alone); load no weights")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in trainer.output_dir")
+    p.add_argument("--gpu-memory", metavar="SIZE", help="with --dry-run: warn when the estimated peak per GPU exceeds "
+                   "SIZE (80GB, 80GiB, 141GB; a bare number is GiB); an unreadable model config is then an error")
+    p.add_argument("--world-size", type=int, metavar="N", help="with --dry-run: GPUs the plan assumes "
+                   "(default: $WORLD_SIZE or 1)")
+    p.add_argument("--shard", choices=("none", "fsdp"), help="with --dry-run: none (default) = each GPU holds the "
+                   "whole student; fsdp = its weights, gradients and optimizer state split across N GPUs (planned)")
+    p.add_argument("--shard-teacher", action="store_true", help="with --dry-run --shard fsdp: split the teacher's "
+                   "weights too")
     p.set_defaults(func=_train)
 
     p = sub.add_parser("plot", help="training-dynamics PNG (loss, grad_norm, entropy) of one or more runs")
@@ -142,15 +181,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stress", action="store_true", help="also run the stress setting (OPD vs GNDPO at high temperature)")
     p.add_argument("--seed", type=int, default=0, help="bootstrap: task/model seed")
     p.set_defaults(func=_lab)
+
+    p = sub.add_parser("export", help="a run's checkpoint as a standalone Hugging Face model directory",
+                       description="Write a checkpoint of a run as a save_pretrained directory with its processor. "
+                                   "LoRA runs: the adapters (PEFT layout), or with --merge the base model with the "
+                                   "adapters merged in (loads without PEFT). Full fine-tuning runs: the model.")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (trainer.output_dir)")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest complete one)")
+    p.add_argument("--out", default=None, help="output directory, must not exist (default: RUN_DIR/export/step-N, "
+                                               "or step-N-merged with --merge)")
+    p.add_argument("--merge", action="store_true", help="merge LoRA adapters into the base model (a full "
+                                                         "fine-tuning run's export is a full model either way)")
+    p.set_defaults(func=_export)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "train":
-        # Flags may sit anywhere among the overrides; the config file is optional.
-        flags = [a for a in argv[1:] if a.startswith("-")]
-        positional = [a for a in argv[1:] if not a.startswith("-")]
+        # Flags may sit anywhere among the overrides, a flag's value right after it; the config file is optional.
+        flags, positional, rest = [], [], iter(argv[1:])
+        for a in rest:
+            (flags if a.startswith("-") else positional).append(a)
+            value = next(rest, None) if a in ("--gpu-memory", "--world-size", "--shard") else None
+            if value is not None:
+                flags.append(value)
         if positional and "=" in positional[0]:
             positional.insert(0, "")
         argv = ["train", *flags, *positional]

@@ -8,6 +8,8 @@ is loaded, so a typo costs a second, not a model download.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -36,14 +38,17 @@ LORA_DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up
 class LoraConfig:
     rank: int = _f(0, "LoRA rank r; 0 = off (full fine-tuning). Only the adapters (and modules_to_save) train.")
     alpha: float = _f(32.0, "LoRA alpha: the adapter's update is scaled by alpha / rank.")
-    dropout: float = _f(0.0, "Dropout on the adapters' input.")
-    target_modules: Any = _f(None, "Modules that get adapters: a list of names or name suffixes, or one string, "
-                             "'all-linear' (every linear layer but the LM head) or a regular expression matched "
-                             "against full module names (PEFT's rules). Default: the language model's attention "
-                             "and MLP projections (the vision tower stays frozen).",
+    dropout: float = _f(0.0, "Dropout on the adapters' input in the update's forward passes (sampling and the old "
+                        "log-probs run without it).")
+    target_modules: Any = _f(None, "Modules that get adapters: a list of names or dotted name suffixes, matched "
+                             "inside the language model only (a VLM's vision tower and projector never match a "
+                             "list), or one string: 'all-linear' (every linear layer but the LM head, vision tower "
+                             "and projector included) or a regular expression matched against full module names "
+                             "(PEFT's rules). Default: the language model's attention and MLP projections.",
                              factory=lambda: list(LORA_DEFAULT_TARGETS))
-    modules_to_save: list = _f(None, "Modules trained in full and saved beside the adapters (e.g. lm_head).",
-                               factory=list)
+    modules_to_save: list = _f(None, "Modules trained in full and saved beside the adapters, matched by name "
+                               "suffix over the whole model (e.g. [lm_head] or [multi_modal_projector]); a tied "
+                               "embedding stays tied to its trained copy.", factory=list)
 
 
 @dataclass
@@ -80,14 +85,21 @@ class DataConfig:
     max_prompt_length: int = _f(8192, "Prompts longer than this many tokens (images included) are skipped and counted.")
     shuffle: bool = _f(True, "Reshuffle the prompts every epoch (seeded).")
     limit: Optional[int] = _f(None, "Use only the first N records.")
+    max_image_tiles: Optional[int] = _f(None, "Tiling processors (InternVL): most tiles an image is cut into, "
+                                        "plus a thumbnail when it needs more than one (the image processor's "
+                                        "max_patches); null = the processor's own setting (12 for InternVL3.5).")
+    min_pixels: Optional[int] = _f(None, "Dynamic-resolution processors (Qwen-VL): images smaller than this many "
+                                   "pixels are upscaled; null = the processor's own setting.")
+    max_pixels: Optional[int] = _f(None, "Dynamic-resolution processors (Qwen-VL): images larger than this many "
+                                   "pixels are downscaled (fewer image tokens); null = the processor's own setting.")
 
 
 @dataclass
 class RolloutConfig:
     backend: str = _f("hf", "Sampler: hf = the in-process Hugging Face student.", choices=("hf",))
     engine: str = _f("loop", "hf backend: loop = gndpo's KV-cache decode loop (each prompt prefilled once for "
-                     "its n samples, finished rows leave the batch; models with their own position scheme, "
-                     "such as Qwen-VL, use generate); generate = transformers generate. Same distribution.",
+                     "its n samples, finished rows leave the batch; Qwen-VL's multimodal RoPE included; encoder-decoders "
+                     "use generate); generate = transformers generate. Same distribution.",
                      choices=("loop", "generate"))
     n: int = _f(16, "Responses sampled per prompt (G).")
     temperature: float = _f(1.0, "Sampling temperature.")
@@ -310,8 +322,17 @@ def validate(cfg: RunConfig) -> RunConfig:
     _check((isinstance(targets, str) and bool(targets.strip())) or
            (isinstance(targets, (list, tuple)) and len(targets) > 0 and all(isinstance(t, str) and t for t in targets)),
            "model.lora.target_modules must be a non-empty list of module names, 'all-linear' or a regular expression")
+    if isinstance(targets, str) and targets.lower() != "all-linear":
+        try:
+            re.compile(targets)
+        except re.error as exc:
+            raise ConfigError(f"model.lora.target_modules={targets!r} is not a valid regular expression "
+                              f"({exc})") from None
     _check(isinstance(lora.modules_to_save, (list, tuple)) and all(isinstance(t, str) and t for t in lora.modules_to_save),
            "model.lora.modules_to_save must be a list of module names (e.g. [lm_head])")
+    # before any model loads: a missing optional dependency should cost a second, not a model download
+    _check(lora.rank == 0 or importlib.util.find_spec("peft") is not None,
+           f"model.lora.rank={lora.rank} needs PEFT, which is not installed: pip install 'gndpo[lora]'")
 
     _check(cfg.model.path not in ("", "???"), "model.path is required: a Hugging Face id or a local model directory")
     _check(cfg.data.train not in ("", "???"), "data.train is required: a dataset file, directory or hub id")
@@ -346,6 +367,12 @@ def validate(cfg: RunConfig) -> RunConfig:
     _check(t.threads is None or t.threads >= 1, "trainer.threads must be >= 1 or null")
     _check(cfg.data.max_prompt_length >= 1, "data.max_prompt_length must be >= 1")
     _check(cfg.data.limit is None or cfg.data.limit >= 1, "data.limit must be >= 1 or null")
+    for key in ("max_image_tiles", "min_pixels", "max_pixels"):
+        value = getattr(cfg.data, key)
+        _check(value is None or value >= 1, f"data.{key} must be >= 1 or null")
+    if cfg.data.min_pixels is not None and cfg.data.max_pixels is not None:
+        _check(cfg.data.min_pixels <= cfg.data.max_pixels,
+               f"data.min_pixels={cfg.data.min_pixels} exceeds data.max_pixels={cfg.data.max_pixels}")
     # Mini-batches hold whole prompt groups, and micro-batches tile mini-batches exactly, so the
     # accumulated gradient is the full mini-batch gradient.
     _check(t.prompts_per_step % a.mini_batches == 0,

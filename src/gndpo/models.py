@@ -139,6 +139,28 @@ def special_placeholder_ids(processor) -> list[int]:
     return sorted(ids)
 
 
+def configure_images(processor, *, max_tiles: int | None = None, min_pixels: int | None = None,
+                     max_pixels: int | None = None) -> None:
+    """Set how images become tokens, in place: the tile budget of tiling processors (InternVL's GotOcr2:
+    ``max_patches``) and the pixel bounds of dynamic-resolution ones (Qwen-VL: ``size``'s shortest/longest
+    edge, counted in pixels). A setting the processor has no such knob for is an error, not ignored."""
+    images = getattr(processor, "image_processor", None)
+    if max_tiles is not None:
+        if not hasattr(images, "max_patches"):
+            raise ModelError(f"data.max_image_tiles applies to tiling image processors (InternVL); "
+                             f"{type(images).__name__} does not tile; remove data.max_image_tiles")
+        images.max_patches = max_tiles
+    if min_pixels is not None or max_pixels is not None:
+        size = getattr(images, "size", None)
+        if getattr(size, "shortest_edge", None) is None or getattr(size, "longest_edge", None) is None or \
+                not hasattr(images, "merge_size"):
+            name = "data.min_pixels" if min_pixels is not None else "data.max_pixels"
+            raise ModelError(f"{name} applies to dynamic-resolution image processors (Qwen-VL); "
+                             f"{type(images).__name__} has no pixel bounds; remove {name}")
+        images.size = type(size)(shortest_edge=min_pixels if min_pixels is not None else size.shortest_edge,
+                                 longest_edge=max_pixels if max_pixels is not None else size.longest_edge)
+
+
 # ---------------------------------------------------------------- compatibility
 
 

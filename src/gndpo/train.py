@@ -37,7 +37,8 @@ from gndpo.dist import LOCAL, DistContext
 from gndpo.errors import DataError
 from gndpo.forward import (encode_each, micro_batch_inputs, pad_token_id, prompt_lengths, repeat_for_samples,
                            response_logprobs, rollout_logprobs)
-from gndpo.models import check_compatible, load_model, resolve_device
+from gndpo.lora import apply_lora
+from gndpo.models import check_compatible, configure_images, load_model, resolve_device
 from gndpo.report.loggers import build_loggers
 from gndpo.rewards import get_reward
 from gndpo.rollout.base import Rollouts, SamplingParams
@@ -230,13 +231,18 @@ def train(cfg: RunConfig, *, dist: DistContext = LOCAL,
     student = load_model(cfg.model.path, what="model", dtype=cfg.model.dtype, device=device,
                          trust_remote_code=cfg.model.trust_remote_code, attn_implementation=cfg.model.attn_implementation)
     model, processor = student.model, student.processor
-    if cfg.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+    images = dict(max_tiles=cfg.data.max_image_tiles, min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels)
+    configure_images(processor, **images)
+    if cfg.model.gradient_checkpointing:  # renamed activation_checkpointing_enable in transformers 5.24
+        (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
+    adapters = apply_lora(model, cfg.model.lora)  # None unless model.lora.rank > 0; `model` stays the compute path
+    saved = adapters if adapters is not None else model  # what checkpoints hold: the adapters, or the full model
     records, skipped_prompts = drop_long_prompts(cfg, records, processor, suffix)
     teacher = None
     if a.advantage in ("gndpo", "opd"):
         tl = load_model(cfg.teacher.path, what="teacher", dtype=cfg.teacher.dtype, device=device,
                         trust_remote_code=cfg.teacher.trust_remote_code)
+        configure_images(tl.processor, **images)  # the teacher sees the images as the student does
         if cfg.teacher.check_compatibility:
             check_compatible(processor, tl.processor)
         teacher = HFTeacher(tl.model, tl.processor, suffix=suffix, system_prompt=cfg.data.system_prompt,
@@ -253,7 +259,7 @@ def train(cfg: RunConfig, *, dist: DistContext = LOCAL,
 
     start_step = 0
     if resume_from is not None:
-        state = ckpt.load_checkpoint(resume_from, model=model, optimizer=optimizer, scheduler=scheduler)
+        state = ckpt.load_checkpoint(resume_from, model=saved, optimizer=optimizer, scheduler=scheduler)
         start_step = int(state["step"])
         sampler.load_state_dict(state["sampler"])
         minibatch_gen.set_state(state["minibatch_generator"])
@@ -282,6 +288,7 @@ def train(cfg: RunConfig, *, dist: DistContext = LOCAL,
                 if a.old_logprobs == "sampler" and step == start_step:
                     log.warning("algorithm.old_logprobs=sampler: this model is sampled with transformers "
                                 "generate, which reports no log-probs; recomputing them")
+                model.eval()  # the pre-update policy without dropout, as the sampler ran it (the update sets train())
                 with torch.no_grad():
                     old_lp = rollout_logprobs(model, processor, rollouts, micro_batch_size=t_cfg.micro_batch_size,
                                               suffix=suffix, system_prompt=cfg.data.system_prompt,
@@ -308,7 +315,7 @@ def train(cfg: RunConfig, *, dist: DistContext = LOCAL,
                 cb(StepRecord(step + 1, rollouts, old_lp, teacher_lp, outcome, advantages, metrics))
             done = step + 1
             if should_save(cfg, done):
-                ckpt.save_checkpoint(t_cfg.output_dir, done, model=model, optimizer=optimizer, scheduler=scheduler,
+                ckpt.save_checkpoint(t_cfg.output_dir, done, model=saved, optimizer=optimizer, scheduler=scheduler,
                                      processor=processor, config=to_dict(cfg), keep_last=cfg.checkpoint.keep_last,
                                      state={"step": done, "sampler": sampler.state_dict(),
                                             "minibatch_generator": minibatch_gen.get_state()})
