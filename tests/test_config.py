@@ -65,3 +65,16 @@ def test_prompt_sampler_is_seeded_resumable_and_covers_each_epoch():
     c.load_state_dict(b.state_dict())
     assert [c.next_batch() for _ in range(3)] == first[2:]
     assert PromptSampler(10, 4, seed=4).next_batch() != first[0]
+
+
+def test_a_served_teacher_needs_a_url_not_a_path():
+    from gndpo.config import load_config
+    from gndpo.errors import ConfigError
+
+    base = ["model.path=m", "data.train=d", "algorithm.method=gndpo"]
+    cfg = load_config(None, [*base, "teacher.backend=server", "teacher.url=http://127.0.0.1:8100"])
+    assert cfg.teacher.path is None
+    with pytest.raises(ConfigError, match="teacher.backend=server needs teacher.url=http://HOST:PORT"):
+        load_config(None, [*base, "teacher.backend=server"])
+    with pytest.raises(ConfigError, match="teacher.path is required by algorithm.advantage=gndpo"):
+        load_config(None, base)

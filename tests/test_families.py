@@ -41,6 +41,7 @@ def odd_length_reward(texts, answers):
 @pytest.mark.parametrize("method", ["gndpo", "opd", "gspo"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_every_family_trains_with_every_method(family_dir, tmp_path, monkeypatch, family, method):
+    import gndpo.backends
     import gndpo.train
 
     seen: dict[str, list] = {"model": [], "teacher": []}  # keyed by load_model(what=...): student is "model"
@@ -59,6 +60,7 @@ def test_every_family_trains_with_every_method(family_dir, tmp_path, monkeypatch
         return loaded
 
     monkeypatch.setattr(gndpo.train, "load_model", spying_load)
+    monkeypatch.setattr(gndpo.backends, "load_model", spying_load)
     if method == "gspo":
         monkeypatch.setattr(gndpo.train, "get_reward", lambda name: odd_length_reward)
     out = tmp_path / "run"
@@ -117,6 +119,7 @@ def test_cross_family_pair_is_a_one_line_cli_error(family_dir, tmp_path, capsys)
 
 def _pixels_seen(monkeypatch, cfg):
     """Run one step of ``cfg``; return {"model": [...], "teacher": [...]}: pixel_values each model's forward got."""
+    import gndpo.backends
     import gndpo.train
 
     seen: dict[str, list] = {"model": [], "teacher": []}
@@ -130,6 +133,7 @@ def _pixels_seen(monkeypatch, cfg):
         return loaded
 
     monkeypatch.setattr(gndpo.train, "load_model", spying_load)
+    monkeypatch.setattr(gndpo.backends, "load_model", spying_load)
     gndpo.train.train(cfg)
     return seen
 

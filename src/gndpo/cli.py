@@ -1,4 +1,4 @@
-"""``gndpo train | eval | lab | plot | export``: the command line.
+"""``gndpo train | eval | lab | plot | export | serve-teacher``: the command line.
 
 User mistakes (bad config, missing data, incompatible models) print one ``error:`` line and exit 2.
 """
@@ -115,6 +115,19 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve_teacher(args: argparse.Namespace) -> int:
+    from gndpo.serve import API_KEY_ENV, serve_teacher
+
+    if args.api_key:
+        print(f"warning: --api-key is visible to other users of this machine (ps, /proc); prefer "
+              f"export {API_KEY_ENV}=...", file=sys.stderr)
+    serve_teacher(args.model, host=args.host, port=args.port, api_key=args.api_key or os.environ.get(API_KEY_ENV),
+                  dtype=args.dtype, max_model_len=args.max_model_len,
+                  gpu_memory_utilization=args.gpu_memory_utilization, max_images=args.max_images,
+                  announce=lambda line: print(line, flush=True))
+    return 0
+
+
 def _lab(args: argparse.Namespace) -> int:
     from gndpo.lab.run import lab_main
 
@@ -193,6 +206,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--merge", action="store_true", help="merge LoRA adapters into the base model (a full "
                                                          "fine-tuning run's export is a full model either way)")
     p.set_defaults(func=_export)
+
+    p = sub.add_parser("serve-teacher", help="serve a teacher's log-probs over HTTP (vLLM engine) for "
+                       "teacher.backend=server", description="Score student tokens with MODEL on this machine's "
+                       "GPUs for trainers elsewhere (teacher.backend=server teacher.url=http://HOST:PORT). Loopback "
+                       "only unless an API key is set; the key comes from $GNDPO_TEACHER_API_KEY (or --api-key).")
+    p.add_argument("model", metavar="MODEL", help="teacher: a local save_pretrained directory or a Hugging Face id "
+                                                  "(safetensors weights)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; any other needs "
+                                                       "an API key)")
+    p.add_argument("--port", type=int, default=8100, help="port (default 8100; 0 = any free port, printed)")
+    p.add_argument("--api-key", default=None, help="required bearer key; prefer $GNDPO_TEACHER_API_KEY, since "
+                                                   "command lines are visible to other users")
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                   help="engine dtype (auto: bfloat16 on a GPU, float32 on a CPU)")
+    p.add_argument("--max-model-len", type=int, default=None, help="longest prompt + response in tokens, images "
+                                                                  "expanded (default: the model's own limit)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="fraction of GPU memory the engine "
+                                                                             "may take (default 0.9)")
+    p.add_argument("--max-images", type=int, default=None, help="most images in one prompt (default 4 for "
+                                                               "vision-language models, 0 for text models)")
+    p.set_defaults(func=_serve_teacher)
     return parser
 
 

@@ -52,6 +52,18 @@ class LoraConfig:
 
 
 @dataclass
+class VLLMConfig:
+    gpu_memory_utilization: float = _f(0.5, "Fraction of the GPU's memory the engine may take (weights, KV cache); "
+                                       "the trainer colocated on the same GPU uses the rest.")
+    max_model_len: Optional[int] = _f(None, "Longest sequence the engine accepts; default data.max_prompt_length + "
+                                      "rollout.max_new_tokens (+1 for scoring).")
+    enforce_eager: bool = _f(False, "Disable CUDA graphs (less memory, slower decoding). Always on for CPUs.")
+    tensor_parallel_size: int = _f(1, "GPUs one engine spans (tensor parallelism).")
+    sleep: bool = _f(True, "CUDA: free the engine's memory (weights and KV cache) while the trainer scores and "
+                     "updates, and wake it with the new weights for the next rollout; no effect on CPUs.")
+
+
+@dataclass
 class ModelConfig:
     path: str = _f("", "Student: Hugging Face id or local directory (causal LM or image-text-to-text model).")
     dtype: str = _f("auto", "Weights dtype; auto = bfloat16 on GPU, float32 on CPU.", choices=DTYPES)
@@ -64,10 +76,19 @@ class ModelConfig:
 @dataclass
 class TeacherConfig:
     path: Optional[str] = _f(None, "Teacher: Hugging Face id or local directory; required by opd and gndpo.")
-    backend: str = _f("hf", "Where the teacher runs: hf = in-process Hugging Face model.", choices=("hf",))
+    backend: str = _f("hf", "Where the teacher runs: hf = in-process Hugging Face model; vllm = in-process vLLM "
+                      "engine (prompt log-probs); server = a scoring server at teacher.url (gndpo serve-teacher, or "
+                      "vLLM's OpenAI server for text-only teachers).", choices=("hf", "vllm", "server"))
     dtype: str = _f("auto", "Teacher weights dtype.", choices=DTYPES)
     trust_remote_code: bool = _f(False, "Allow custom modelling code from the teacher repository.")
-    micro_batch_size: int = _f(8, "Sequences per teacher forward pass.")
+    micro_batch_size: int = _f(8, "Sequences per teacher forward pass (hf), per engine call (vllm) or per request "
+                               "(server).")
+    vllm: VLLMConfig = _f(None, "teacher.backend=vllm: the engine.", factory=VLLMConfig)
+    url: Optional[str] = _f(None, "teacher.backend=server: the server's base URL, e.g. http://10.0.0.5:8100.")
+    api_key_env: str = _f("GNDPO_TEACHER_API_KEY", "teacher.backend=server: environment variable holding the "
+                          "server's API key (the key itself is never written to the config or the run directory).")
+    timeout: float = _f(600.0, "teacher.backend=server: seconds one request may take.")
+    retries: int = _f(3, "teacher.backend=server: retries of a failed request (with backoff) before the run stops.")
     check_compatibility: bool = _f(True, "Refuse to train unless student and teacher tokenize identically.")
 
 
@@ -96,7 +117,9 @@ class DataConfig:
 
 @dataclass
 class RolloutConfig:
-    backend: str = _f("hf", "Sampler: hf = the in-process Hugging Face student.", choices=("hf",))
+    backend: str = _f("hf", "Sampler: hf = the in-process Hugging Face student; vllm = an in-process vLLM engine "
+                      "holding a copy of the student, updated in place after every optimizer step.",
+                      choices=("hf", "vllm"))
     engine: str = _f("loop", "hf backend: loop = gndpo's KV-cache decode loop (each prompt prefilled once for "
                      "its n samples, finished rows leave the batch; Qwen-VL's multimodal RoPE included; encoder-decoders "
                      "use generate); generate = transformers generate. Same distribution.",
@@ -108,7 +131,13 @@ class RolloutConfig:
     max_new_tokens: int = _f(16384, "Maximum response length in tokens.")
     min_new_tokens: int = _f(0, "Suppress EOS before this many tokens (throughput benchmarks: fixed-length work "
                              "with random weights). Off-policy by the suppressed EOS mass; 0 = off.")
-    micro_batch_size: int = _f(64, "Sequences decoded together (prompts per call = this // n).")
+    micro_batch_size: int = _f(64, "hf backend: sequences decoded together (prompts per call = this // n).")
+    sync_check_every: int = _f(10, "vllm backend: compare the engine's log-probs with the trainer's at the first "
+                               "step and every N steps; the run stops when they differ (stale or wrong weights).")
+    sync_check_responses: int = _f(4, "vllm backend: responses the sync check scores on both sides.")
+    sync_tolerance: Optional[float] = _f(None, "vllm backend: largest mean |log-prob difference| the sync check "
+                                         "accepts; default by dtype: 1e-4 for float32, 2e-2 for bfloat16/float16.")
+    vllm: VLLMConfig = _f(None, "rollout.backend=vllm: the engine.", factory=VLLMConfig)
 
 
 @dataclass
@@ -337,8 +366,20 @@ def validate(cfg: RunConfig) -> RunConfig:
     _check(cfg.model.path not in ("", "???"), "model.path is required: a Hugging Face id or a local model directory")
     _check(cfg.data.train not in ("", "???"), "data.train is required: a dataset file, directory or hub id")
     if a.advantage in DISTILLATION_ESTIMATORS:
-        _check(bool(cfg.teacher.path), f"teacher.path is required by algorithm.advantage={a.advantage}")
+        _check(bool(cfg.teacher.path) or cfg.teacher.backend == "server",
+               f"teacher.path is required by algorithm.advantage={a.advantage} (or teacher.backend=server with "
+               "teacher.url)")
     _check(cfg.teacher.micro_batch_size >= 1, "teacher.micro_batch_size must be >= 1")
+    te = cfg.teacher
+    if te.backend == "server" and a.advantage in DISTILLATION_ESTIMATORS:
+        _check(bool(te.url) and str(te.url).startswith(("http://", "https://")),
+               "teacher.backend=server needs teacher.url=http://HOST:PORT (a gndpo serve-teacher or vLLM server)")
+    _check(te.timeout > 0, "teacher.timeout must be > 0 seconds")
+    _check(te.retries >= 0, "teacher.retries must be >= 0")
+    for section, v in (("rollout.vllm", cfg.rollout.vllm), ("teacher.vllm", te.vllm)):
+        _check(0 < v.gpu_memory_utilization <= 1, f"{section}.gpu_memory_utilization must be in (0, 1]")
+        _check(v.max_model_len is None or v.max_model_len >= 2, f"{section}.max_model_len must be >= 2 or null")
+        _check(v.tensor_parallel_size >= 1, f"{section}.tensor_parallel_size must be >= 1")
 
     r = cfg.rollout
     _check(r.n >= 1, "rollout.n must be >= 1")
@@ -346,8 +387,12 @@ def validate(cfg: RunConfig) -> RunConfig:
     _check(0 < r.top_p <= 1, "rollout.top_p must be in (0, 1]")
     _check(r.top_k >= 0, "rollout.top_k must be >= 0")
     _check(r.max_new_tokens >= 1, "rollout.max_new_tokens must be >= 1")
-    _check(cfg.algorithm.old_logprobs != "sampler" or r.engine == "loop",
-           "algorithm.old_logprobs=sampler needs rollout.engine=loop (generate does not report log-probs)")
+    _check(cfg.algorithm.old_logprobs != "sampler" or r.engine == "loop" or r.backend == "vllm",
+           "algorithm.old_logprobs=sampler needs rollout.engine=loop or rollout.backend=vllm (generate does not "
+           "report log-probs)")
+    _check(r.sync_check_every >= 1, "rollout.sync_check_every must be >= 1")
+    _check(r.sync_check_responses >= 1, "rollout.sync_check_responses must be >= 1")
+    _check(r.sync_tolerance is None or r.sync_tolerance > 0, "rollout.sync_tolerance must be > 0 or null")
     _check(0 <= r.min_new_tokens <= r.max_new_tokens, "rollout.min_new_tokens must be in [0, rollout.max_new_tokens]")
     _check(r.micro_batch_size >= 1, "rollout.micro_batch_size must be >= 1")
     if a.advantage == "grpo":

@@ -5,6 +5,8 @@ teacher: if the two tokenize differently, every reward is silently wrong.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,27 +69,45 @@ def load_model(path: str, *, what: str = "model", dtype: str = "auto", device: t
 
     Every failure (missing path, offline hub, unsupported architecture) becomes a one-line ModelError.
     """
-    from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor,
-                              AutoTokenizer)
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
-    _check_path(path, what)
     device = torch.device(device)
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code, "dtype": resolve_dtype(dtype, device)}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
+    config = load_config(path, what=what, trust_remote_code=trust_remote_code)
+    vlm = is_vision_language(config)
     try:
-        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        auto = AutoModelForImageTextToText if vlm else AutoModelForCausalLM
+        model = auto.from_pretrained(path, **kwargs)
+    except Exception as exc:
+        raise ModelError(f"cannot load {what} from {path}: {_first_line(exc)}") from None
+    processor = load_processor(path, what=what, trust_remote_code=trust_remote_code, config=config)
+    model.to(device)
+    return LoadedModel(model=model, processor=processor, is_vlm=vlm)
+
+
+def load_config(path: str, *, what: str = "model", trust_remote_code: bool = False):
+    """The model's config (hub id or local directory), or a one-line ModelError."""
+    from transformers import AutoConfig
+
+    _check_path(path, what)
+    try:
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as exc:
         raise ModelError(f"{what} path not found: {path} is not a local directory and could not be loaded from the "
                          f"Hugging Face hub ({_first_line(exc)})") from None
-    vlm = is_vision_language(config)
+
+
+def load_processor(path: str, *, what: str = "model", trust_remote_code: bool = False, config=None):
+    """The processor (VLMs) or tokenizer (text models) of a model, left-padding, with a pad token and a chat
+    template (a one-line ModelError otherwise). Loads no weights."""
+    from transformers import AutoProcessor, AutoTokenizer
+
+    config = config if config is not None else load_config(path, what=what, trust_remote_code=trust_remote_code)
     try:
-        if vlm:
-            model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
-            processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
-        else:
-            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-            processor = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        auto = AutoProcessor if is_vision_language(config) else AutoTokenizer
+        processor = auto.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as exc:
         raise ModelError(f"cannot load {what} from {path}: {_first_line(exc)}") from None
     tok = tokenizer_of(processor)
@@ -96,8 +116,7 @@ def load_model(path: str, *, what: str = "model", dtype: str = "auto", device: t
     tok.padding_side = "left"
     if getattr(tok, "chat_template", None) is None and getattr(processor, "chat_template", None) is None:
         raise ModelError(f"{what} at {path} has no chat template; use an instruct/chat model or add chat_template")
-    model.to(device)
-    return LoadedModel(model=model, processor=processor, is_vlm=vlm)
+    return processor
 
 
 def _first_line(exc: Exception) -> str:
@@ -164,8 +183,8 @@ def configure_images(processor, *, max_tiles: int | None = None, min_pixels: int
 # ---------------------------------------------------------------- compatibility
 
 
-_PROBE = [{"role": "user", "content": "What is 12 + 30? Think step by step, answer in \\boxed{}."}]
-_PROBE_TEXT = "<think> 12 + 30 = 42 </think> The answer is \\boxed{42}. Ünïcödé ∑ 数学"
+PROBE_MESSAGES = [{"role": "user", "content": "What is 12 + 30? Think step by step, answer in \\boxed{}."}]
+PROBE_TEXT = "<think> 12 + 30 = 42 </think> The answer is \\boxed{42}. Ünïcödé ∑ 数学"
 
 
 def _render(processor, messages) -> str:
@@ -173,26 +192,46 @@ def _render(processor, messages) -> str:
     return target.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
-def check_compatible(student_processor, teacher_processor) -> None:
-    """Raise ModelError naming the first difference between the student's and teacher's tokenization."""
-    s, t = tokenizer_of(student_processor), tokenizer_of(teacher_processor)
-    sv, tv = s.get_vocab(), t.get_vocab()
-    if sv != tv:
-        only_s = len(set(sv) - set(tv))
-        only_t = len(set(tv) - set(sv))
-        moved = sum(1 for k in set(sv) & set(tv) if sv[k] != tv[k])
-        raise ModelError(
-            f"student and teacher vocabularies differ ({len(sv)} vs {len(tv)} tokens; {only_s} only in the student, "
-            f"{only_t} only in the teacher, {moved} with different ids); distillation needs the same tokenizer")
-    if s.eos_token != t.eos_token or s.eos_token_id != t.eos_token_id:
-        raise ModelError(f"student and teacher EOS tokens differ ({s.eos_token!r} vs {t.eos_token!r})")
-    s_special = dict(zip(s.all_special_tokens, s.all_special_ids))
-    t_special = dict(zip(t.all_special_tokens, t.all_special_ids))
-    if s_special != t_special:
-        diff = sorted(set(s_special.items()) ^ set(t_special.items()))
+def tokenizer_fingerprint(processor, *, vocab: bool = False) -> dict:
+    """What the compatibility check compares, as JSON-ready data: a teacher server sends its own, and clients
+    compare it with the student's. The vocabulary travels as a hash (plus the whole table when ``vocab``)."""
+    tok = tokenizer_of(processor)
+    table = tok.get_vocab()
+    digest = hashlib.sha256(json.dumps(sorted(table.items()), ensure_ascii=True).encode()).hexdigest()
+    fp = {"vocab_size": len(table), "vocab_sha256": digest, "eos_token": tok.eos_token,
+          "eos_token_id": tok.eos_token_id, "special_tokens": dict(zip(tok.all_special_tokens, tok.all_special_ids)),
+          "probe_prompt": _render(processor, PROBE_MESSAGES),
+          "probe_ids": tok(PROBE_TEXT, add_special_tokens=False)["input_ids"]}
+    if vocab:
+        fp["vocab"] = table
+    return fp
+
+
+def compare_fingerprints(student: dict, teacher: dict) -> None:
+    """Raise ModelError naming the first difference between two :func:`tokenizer_fingerprint` results."""
+    s, t = student, teacher
+    if s["vocab_sha256"] != t["vocab_sha256"]:
+        detail = "different contents"
+        if "vocab" in s and "vocab" in t:
+            sv, tv = s["vocab"], t["vocab"]
+            moved = sum(1 for k in set(sv) & set(tv) if sv[k] != tv[k])
+            detail = (f"{len(set(sv) - set(tv))} only in the student, {len(set(tv) - set(sv))} only in the teacher, "
+                      f"{moved} with different ids")
+        raise ModelError(f"student and teacher vocabularies differ ({s['vocab_size']} vs {t['vocab_size']} tokens; "
+                         f"{detail}); distillation needs the same tokenizer")
+    if s["eos_token"] != t["eos_token"] or s["eos_token_id"] != t["eos_token_id"]:
+        raise ModelError(f"student and teacher EOS tokens differ ({s['eos_token']!r} vs {t['eos_token']!r})")
+    if s["special_tokens"] != t["special_tokens"]:
+        diff = sorted(set(s["special_tokens"].items()) ^ set(t["special_tokens"].items()))
         raise ModelError(f"student and teacher special tokens differ (e.g. {diff[0][0]!r}); use the same tokenizer family")
-    sp, tp = _render(student_processor, _PROBE), _render(teacher_processor, _PROBE)
+    sp, tp = s["probe_prompt"], t["probe_prompt"]
     if sp != tp:
         raise ModelError(f"student and teacher chat templates render a probe prompt differently ({sp[:60]!r}... vs {tp[:60]!r}...)")
-    if s(_PROBE_TEXT, add_special_tokens=False)["input_ids"] != t(_PROBE_TEXT, add_special_tokens=False)["input_ids"]:
+    if s["probe_ids"] != t["probe_ids"]:
         raise ModelError("student and teacher tokenize the same text differently (merges or normalization differ)")
+
+
+def check_compatible(student_processor, teacher_processor) -> None:
+    """Raise ModelError naming the first difference between the student's and teacher's tokenization."""
+    compare_fingerprints(tokenizer_fingerprint(student_processor, vocab=True),
+                         tokenizer_fingerprint(teacher_processor, vocab=True))

@@ -20,13 +20,14 @@ import logging
 import math
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
 from gndpo import checkpoint as ckpt
+from gndpo.backends import build_rollout, build_teacher
 from gndpo.config import RunConfig, to_dict
 from gndpo.core.advantages import compute_advantages
 from gndpo.core.losses import compute_policy_loss
@@ -38,12 +39,10 @@ from gndpo.errors import DataError
 from gndpo.forward import (encode_each, micro_batch_inputs, pad_token_id, prompt_lengths, repeat_for_samples,
                            response_logprobs, rollout_logprobs)
 from gndpo.lora import apply_lora
-from gndpo.models import check_compatible, configure_images, load_model, resolve_device
+from gndpo.models import configure_images, load_model, resolve_device
 from gndpo.report.loggers import build_loggers
 from gndpo.rewards import get_reward
 from gndpo.rollout.base import Rollouts, SamplingParams
-from gndpo.rollout.hf import HFRollout
-from gndpo.teacher.hf import HFTeacher
 
 log = logging.getLogger("gndpo")
 
@@ -240,15 +239,8 @@ def train(cfg: RunConfig, *, dist: DistContext = LOCAL,
     records, skipped_prompts = drop_long_prompts(cfg, records, processor, suffix)
     teacher = None
     if a.advantage in ("gndpo", "opd"):
-        tl = load_model(cfg.teacher.path, what="teacher", dtype=cfg.teacher.dtype, device=device,
-                        trust_remote_code=cfg.teacher.trust_remote_code)
-        configure_images(tl.processor, **images)  # the teacher sees the images as the student does
-        if cfg.teacher.check_compatibility:
-            check_compatible(processor, tl.processor)
-        teacher = HFTeacher(tl.model, tl.processor, suffix=suffix, system_prompt=cfg.data.system_prompt,
-                            micro_batch_size=cfg.teacher.micro_batch_size)
-    rollout = HFRollout(model, processor, suffix=suffix, system_prompt=cfg.data.system_prompt,
-                        micro_batch_size=cfg.rollout.micro_batch_size, engine=cfg.rollout.engine)
+        teacher = build_teacher(cfg, processor, suffix=suffix, records=records, device=device, images=images)
+    rollout = build_rollout(cfg, model, processor, suffix=suffix, records=records, device=device)
     reward_fn = get_reward(a.outcome_reward)
     sampling = SamplingParams(n=cfg.rollout.n, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
                               top_k=cfg.rollout.top_k, max_new_tokens=cfg.rollout.max_new_tokens,
@@ -279,7 +271,7 @@ def train(cfg: RunConfig, *, dist: DistContext = LOCAL,
             timer = time.perf_counter()
             batch = [records[i] for i in sampler.next_batch()]
             encoded = encode_each(processor, batch, suffix=suffix, system_prompt=cfg.data.system_prompt)
-            rollouts = rollout.generate(batch, sampling, encoded=encoded)
+            rollouts = rollout.generate(batch, replace(sampling, seed=t_cfg.seed * 1_000_003 + step), encoded=encoded)
             t_rollout = time.perf_counter()
             old_lp = None  # taken from the update's own forward when the separate pass is redundant
             if a.old_logprobs == "sampler" and rollouts.sampler_logprobs is not None:
@@ -303,10 +295,11 @@ def train(cfg: RunConfig, *, dist: DistContext = LOCAL,
             t_adv = time.perf_counter()
             upd = update_policy(cfg, model, optimizer, scheduler, rollouts, encoded, old_lp, advantages,
                                 pad_id=pad_token_id(processor), dist=dist, generator=minibatch_gen)
+            rollout.weights_changed()  # a vLLM engine takes the new weights before its next rollout
             t_update = time.perf_counter()
 
             n_tokens = int(rollouts.response_mask.sum())
-            metrics = {**upd, **adv_metrics, **rollout_metrics(rollouts, outcome, old_lp),
+            metrics = {**upd, **adv_metrics, **rollout_metrics(rollouts, outcome, old_lp), **rollouts.stats,
                        "skipped_prompts": float(skipped_prompts), "epoch": float(sampler.epoch),
                        "time/rollout": t_rollout - timer, "time/old_logprobs": t_old - t_rollout,
                        "time/teacher": t_teacher - t_old, "time/reward": t_reward - t_teacher,
@@ -331,6 +324,9 @@ def train(cfg: RunConfig, *, dist: DistContext = LOCAL,
     finally:
         bar.close()
         loggers.close()
+        rollout.close()
+        if teacher is not None:
+            teacher.close()
     return metrics
 
 

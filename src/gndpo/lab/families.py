@@ -53,6 +53,8 @@ _THINK_FAMILIES = ("qwen3", "internvl", "qwen3_vl")
 SIZES = {
     "student": dict(hidden=32, layers=1, heads=2, kv_heads=1, head_dim=16, v_hidden=32, v_layers=1),
     "teacher": dict(hidden=64, layers=2, heads=4, kv_heads=2, head_dim=16, v_hidden=48, v_layers=2),
+    # vLLM's CPU attention kernels take head sizes of 32 and up
+    "wide": dict(hidden=64, layers=1, heads=2, kv_heads=1, head_dim=32, v_hidden=64, v_layers=1),
 }
 # Image geometry: InternVL tiles of 32 px with 8-px patches (16 patches, 4 tokens after the 0.5 pixel shuffle);
 # Qwen-VL patches of 8 px merged 2x2, 1-64 merged tokens per image.
@@ -181,7 +183,8 @@ def build_config(family: str, kind: str, processor):
             downsample_ratio=0.5, tie_word_embeddings=True)
     if family in ("qwen2_5_vl", "qwen3_vl"):
         # mrope_section splits head_dim/2 rotary frequencies between the temporal, height and width axes.
-        rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}
+        unit = s["head_dim"] // 16
+        rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2 * unit, 3 * unit, 3 * unit]}
         ids = dict(image_token_id=processor.image_token_id, video_token_id=processor.video_token_id,
                    vision_start_token_id=tok.convert_tokens_to_ids("<|vision_start|>"),
                    vision_end_token_id=tok.convert_tokens_to_ids("<|vision_end|>"))

@@ -1,7 +1,7 @@
-"""What every sampler returns, and the protocol a sampler implements (hf now; vLLM later)."""
+"""What every sampler returns, and the protocol a sampler implements (hf: rollout/hf.py; vllm: rollout/vllm.py)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol, Sequence
 
 import torch
@@ -18,6 +18,10 @@ class SamplingParams:
     max_new_tokens: int = 512
     min_new_tokens: int = 0  # EOS suppressed before this many tokens (benchmarks)
     greedy: bool = False
+    # Base seed of this call (the trainer derives one per step): backends that key their randomness per request
+    # (vllm) draw sample s of prompt p from a seed of (seed, p.id, s), whatever the batch holds. The hf backend
+    # draws from torch's global generator, which the trainer seeds and checkpoints.
+    seed: int | None = None
 
 
 @dataclass(frozen=True)
@@ -38,6 +42,8 @@ class Rollouts:
     # (B, R) float32: the sampler's own log-prob of each token at the sampling temperature (0 outside the
     # mask), where the backend reports it; the trainer recomputes log-probs and only compares against these.
     sampler_logprobs: torch.Tensor | None = None
+    # Backend measurements of this call (e.g. time/weight_sync, rollout/sync_gap), merged into the step's metrics.
+    stats: dict = field(default_factory=dict)
 
     @property
     def size(self) -> int:
@@ -59,4 +65,13 @@ class RolloutBackend(Protocol):
                  encoded: Sequence[dict] | None = None) -> Rollouts:
         """``encoded``: the prompts already encoded by :func:`gndpo.forward.encode_each` with the student's
         processor, for backends that can use them (others ignore it)."""
+        ...
+
+    def weights_changed(self) -> None:
+        """The trainer's model changed (an optimizer step): a backend holding its own copy of the weights must
+        take the new ones before it samples again."""
+        ...
+
+    def close(self) -> None:
+        """Free what the backend holds (an engine's memory) at the end of a run."""
         ...

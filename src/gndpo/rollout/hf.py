@@ -47,6 +47,12 @@ class HFRollout:
         tok = tokenizer_of(processor)
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else self.eos_ids[0]
 
+    def weights_changed(self) -> None:
+        """Nothing to do: this sampler runs the trainer's model itself."""
+
+    def close(self) -> None:
+        """Nothing to free: the model belongs to the trainer."""
+
     def _generation_config(self, sampling: SamplingParams, n: int):
         from transformers import GenerationConfig
 

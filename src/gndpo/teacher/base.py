@@ -12,3 +12,7 @@ class Teacher(Protocol):
     def score(self, rollouts: Rollouts) -> torch.Tensor:
         """Teacher log-probs ``(B, R)`` of ``rollouts.response_ids``, 0 outside ``response_mask``."""
         ...
+
+    def close(self) -> None:
+        """Free what the teacher holds (an engine, connections) at the end of a run."""
+        ...

@@ -24,6 +24,9 @@ class HFTeacher:
         for p in self.model.parameters():
             p.requires_grad_(False)
 
+    def close(self) -> None:
+        """Nothing to free beyond the model, which goes with this object."""
+
     @torch.inference_mode()
     def score(self, rollouts: Rollouts) -> torch.Tensor:
         return rollout_logprobs(self.model, self.processor, rollouts, micro_batch_size=self.micro_batch_size,

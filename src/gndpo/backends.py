@@ -1,0 +1,98 @@
+"""Which sampler and which teacher a run uses (``rollout.backend``, ``teacher.backend``), built from the config.
+
+The loop sees only the protocols (:class:`gndpo.rollout.base.RolloutBackend`, :class:`gndpo.teacher.base.Teacher`);
+the vLLM and server backends are imported here only when configured, so a plain install never imports vLLM.
+"""
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import torch
+
+from gndpo.config import RunConfig
+from gndpo.forward import rollout_logprobs
+from gndpo.models import (check_compatible, configure_images, load_config, load_model, load_processor,
+                          resolve_dtype)
+
+
+def build_rollout(cfg: RunConfig, model, processor, *, suffix: str | None, records: Sequence, device):
+    """The student's sampler. ``records``: the training prompts (the vLLM engine sizes its image limit on them)."""
+    r = cfg.rollout
+    if r.backend == "hf":
+        from gndpo.rollout.hf import HFRollout
+
+        return HFRollout(model, processor, suffix=suffix, system_prompt=cfg.data.system_prompt,
+                         micro_batch_size=r.micro_batch_size, engine=r.engine)
+    from gndpo.rollout.vllm import VLLMRollout
+
+    def trainer_logprobs(rollouts):  # the sync check's reference: the trainer's model at temperature 1
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                return rollout_logprobs(model, processor, rollouts, micro_batch_size=cfg.trainer.micro_batch_size,
+                                        suffix=suffix, system_prompt=cfg.data.system_prompt, temperature=1.0)
+        finally:
+            model.train(was_training)
+
+    options = engine_options(cfg, r.vllm, processor, path=cfg.model.path, trust_remote_code=cfg.model.trust_remote_code,
+                             dtype=cfg.model.dtype, device=device, records=records, extra_tokens=0)
+    return VLLMRollout(model, processor, path=cfg.model.path, options=options, suffix=suffix,
+                       system_prompt=cfg.data.system_prompt, score_fn=trainer_logprobs,
+                       check_every=r.sync_check_every, check_responses=r.sync_check_responses,
+                       tolerance=r.sync_tolerance)
+
+
+def build_teacher(cfg: RunConfig, student_processor, *, suffix: str | None, records: Sequence, device, images: dict):
+    """The teacher that scores the student's tokens, after checking it tokenizes as the student does."""
+    te = cfg.teacher
+    if te.backend == "server":
+        from gndpo.teacher.client import ServerTeacher
+
+        teacher = ServerTeacher(te.url, api_key=os.environ.get(te.api_key_env) or None,
+                                processor=student_processor, suffix=suffix, system_prompt=cfg.data.system_prompt,
+                                micro_batch_size=te.micro_batch_size, timeout=te.timeout, retries=te.retries)
+        if te.check_compatibility:
+            teacher.check_compatible(student_processor)
+        return teacher
+    if te.backend == "vllm":
+        from gndpo.teacher.vllm import VLLMTeacher
+
+        processor = load_processor(te.path, what="teacher", trust_remote_code=te.trust_remote_code)
+        configure_images(processor, **images)
+        if te.check_compatibility:
+            check_compatible(student_processor, processor)
+        options = engine_options(cfg, te.vllm, processor, path=te.path, trust_remote_code=te.trust_remote_code,
+                                 dtype=te.dtype, device=device, records=records, extra_tokens=1)
+        return VLLMTeacher(te.path, processor, options=options, suffix=suffix, system_prompt=cfg.data.system_prompt,
+                           micro_batch_size=te.micro_batch_size)
+    from gndpo.teacher.hf import HFTeacher
+
+    loaded = load_model(te.path, what="teacher", dtype=te.dtype, device=device, trust_remote_code=te.trust_remote_code)
+    configure_images(loaded.processor, **images)  # the teacher sees the images as the student does
+    if te.check_compatibility:
+        check_compatible(student_processor, loaded.processor)
+    return HFTeacher(loaded.model, loaded.processor, suffix=suffix, system_prompt=cfg.data.system_prompt,
+                     micro_batch_size=te.micro_batch_size)
+
+
+def engine_options(cfg: RunConfig, v, processor, *, path: str, trust_remote_code: bool, dtype: str, device,
+                   records: Sequence, extra_tokens: int):
+    """vLLM engine settings: the run's dtype and lengths (up to the model's own limit), the most images one
+    training prompt holds, and the image settings ``processor`` was configured with."""
+    from gndpo.vllm_engine import EngineOptions, image_settings
+
+    name = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[
+        resolve_dtype(dtype, torch.device(device))]
+    config = load_config(path, trust_remote_code=trust_remote_code)
+    limit = getattr(getattr(config, "text_config", None) or config, "max_position_embeddings", None)
+    length = v.max_model_len or cfg.data.max_prompt_length + cfg.rollout.max_new_tokens + extra_tokens
+    if limit and not v.max_model_len:
+        length = min(length, limit)
+    return EngineOptions(dtype=name, max_model_len=length, gpu_memory_utilization=v.gpu_memory_utilization,
+                         enforce_eager=v.enforce_eager, tensor_parallel_size=v.tensor_parallel_size,
+                         seed=cfg.trainer.seed, max_images=max((len(r.images) for r in records), default=0),
+                         processor_kwargs=image_settings(processor, max_tiles=cfg.data.max_image_tiles,
+                                                         min_pixels=cfg.data.min_pixels,
+                                                         max_pixels=cfg.data.max_pixels))

