@@ -25,7 +25,6 @@ ids it runs equal the ids the trainer scores (tested).
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import re
@@ -276,13 +275,6 @@ def shutdown(llm) -> None:
     core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
     if core is not None and hasattr(core, "shutdown"):
         core.shutdown()
-
-
-def request_seed(base: int, *parts: Any) -> int:
-    """A 63-bit seed from ``base`` and identifying parts (prompt id, sample index): a sample's draws depend on
-    what it is, never on which batch or rank it lands in."""
-    digest = hashlib.blake2b(repr((base, *parts)).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") >> 1
 
 
 def _first_line(exc: Exception) -> str:

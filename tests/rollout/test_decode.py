@@ -1,4 +1,6 @@
 """gndpo's decode loop samples the distribution the trainer scores, and equals ``generate`` when greedy."""
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -156,3 +158,48 @@ def test_min_new_tokens_suppresses_eos_in_both_engines(student_and_records):
         assert int(free.response_mask.sum(-1).min()) < 6  # without it some rows end earlier
         assert int(outs[engine].response_mask.sum(-1).min()) >= 6
     assert torch.equal(outs["loop"].response_ids, outs["generate"].response_ids)
+
+
+def test_keyed_uniforms_are_uniform_and_depend_on_key_and_step_only():
+    from gndpo.rollout.decode import keyed_uniforms
+
+    keys = torch.arange(100_000, dtype=torch.long) * 7919 + 12345
+    u = keyed_uniforms(keys, 0)
+    assert u.dtype == torch.float64 and bool(((u >= 0) & (u < 1)).all())
+    # mean 0.5 +- 4.5 standard errors (sqrt(1/12/1e5) = 9e-4); deciles within 4.5 binomial standard errors
+    assert abs(float(u.mean()) - 0.5) < 0.004
+    counts = torch.histc(u.float(), bins=10, min=0, max=1)
+    assert bool(((counts - 10_000).abs() < 4.5 * (100_000 * 0.1 * 0.9) ** 0.5).all())
+    assert torch.equal(keyed_uniforms(keys[5:9], 3), keyed_uniforms(keys, 3)[5:9])  # a row's draw is its own
+    assert not torch.equal(keyed_uniforms(keys, 1), u)
+    assert abs(float(torch.corrcoef(torch.stack([u, keyed_uniforms(keys, 1)]))[0, 1])) < 0.02
+
+
+def test_seeded_samples_do_not_depend_on_the_batch(student_and_records):
+    """With SamplingParams.seed, sample s of a prompt is the same alone, in a batch or in another micro-batch
+    split: what the data-parallel trainer needs (and what vLLM's per-request seeds give)."""
+    loaded, records = student_and_records
+    sampling = SamplingParams(n=3, temperature=1.3, max_new_tokens=8, seed=99)
+    together = HFRollout(loaded.model, loaded.processor, suffix=None, micro_batch_size=15).generate(records, sampling)
+    split = HFRollout(loaded.model, loaded.processor, suffix=None, micro_batch_size=3).generate(records, sampling)
+    alone = HFRollout(loaded.model, loaded.processor, suffix=None).generate(records[3:4], sampling)
+    assert torch.equal(together.response_ids, split.response_ids)
+    R = alone.response_ids.shape[1]
+    assert torch.equal(together.response_ids[9:12, :R], alone.response_ids)
+    other = HFRollout(loaded.model, loaded.processor, suffix=None).generate(records[3:4], replace(sampling, seed=100))
+    assert not torch.equal(other.response_ids, alone.response_ids)
+
+
+def test_seeded_first_tokens_follow_the_model(student_and_records):
+    loaded, records = student_and_records
+    model, processor = loaded.model, loaded.processor
+    sampling = SamplingParams(n=4000, temperature=0.7, top_k=20, max_new_tokens=1, seed=3)
+    inputs = encode_prompts(processor, records[:1], suffix=None, system_prompt=None)
+    with torch.no_grad():
+        probs = filter_logits(model(**inputs).logits[:, -1], sampling).softmax(-1)[0]  # (V,)
+    from gndpo.rollout.base import request_seed
+
+    keys = torch.tensor([request_seed(3, records[0].id, s) for s in range(4000)], dtype=torch.long)
+    ids, _ = decode(model, inputs, sampling, eos_ids=[-1], pad_id=0, keys=keys)
+    freq = torch.bincount(ids[:, 0], minlength=probs.numel()).float() / 4000
+    assert bool((probs[ids[:, 0]] > 0).all()) and 0.5 * (freq - probs).abs().sum() < 0.06

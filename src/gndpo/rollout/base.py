@@ -1,8 +1,9 @@
 """What every sampler returns, and the protocol a sampler implements (hf: rollout/hf.py; vllm: rollout/vllm.py)."""
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
-from typing import Protocol, Sequence
+from typing import Any, Protocol, Sequence
 
 import torch
 
@@ -18,10 +19,17 @@ class SamplingParams:
     max_new_tokens: int = 512
     min_new_tokens: int = 0  # EOS suppressed before this many tokens (benchmarks)
     greedy: bool = False
-    # Base seed of this call (the trainer derives one per step): backends that key their randomness per request
-    # (vllm) draw sample s of prompt p from a seed of (seed, p.id, s), whatever the batch holds. The hf backend
-    # draws from torch's global generator, which the trainer seeds and checkpoints.
+    # Base seed of this call (the trainer derives one per step): sample s of prompt p draws from a seed of
+    # (seed, p.id, s) alone (request_seed), whatever else the batch, the micro-batch or the rank holds; the hf
+    # decode loop and vllm do so. None (and transformers generate): torch's global generator.
     seed: int | None = None
+
+
+def request_seed(base: int, *parts: Any) -> int:
+    """A 63-bit seed from ``base`` and identifying parts (prompt id, sample index): a sample's draws depend on
+    what it is, never on which batch or rank it lands in."""
+    digest = hashlib.blake2b(repr((base, *parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> 1
 
 
 @dataclass(frozen=True)

@@ -71,17 +71,45 @@ def filter_logits(logits: torch.Tensor, sampling: SamplingParams, suppress: Sequ
     return logits
 
 
-def sample_tokens(logits: torch.Tensor, *, greedy: bool = False,
-                  generator: torch.Generator | None = None) -> torch.Tensor:
+def _int64(x: int) -> int:
+    """``x`` modulo 2^64 as a signed 64-bit value (torch's int64 products wrap the same way)."""
+    return (x + 2**63) % 2**64 - 2**63
+
+
+_GAMMA = 0x9E3779B97F4A7C15  # splitmix64's constants
+_MIX1 = _int64(0xBF58476D1CE4E5B9)
+_MIX2 = _int64(0x94D049BB133111EB)
+
+
+def _shr(x: torch.Tensor, k: int) -> torch.Tensor:
+    return (x >> k) & ((1 << (64 - k)) - 1)  # logical shift of an int64
+
+
+def keyed_uniforms(keys: torch.Tensor, step: int) -> torch.Tensor:
+    """Uniforms in [0, 1) ``(B,)`` float64, one per row, a function of the row's 63-bit key ``(B,)`` int64 and the
+    token index alone: splitmix64 (Steele et al. 2014) of ``key + (step + 1) * gamma``. So a sample's tokens do
+    not depend on which other rows share its batch, as vLLM's per-request seeds do not."""
+    z = keys + _int64((step + 1) * _GAMMA)
+    z = (z ^ _shr(z, 30)) * _MIX1
+    z = (z ^ _shr(z, 27)) * _MIX2
+    z = z ^ _shr(z, 31)
+    return _shr(z, 11).double() * 2.0**-53
+
+
+def sample_tokens(logits: torch.Tensor, *, greedy: bool = False, generator: torch.Generator | None = None,
+                  uniforms: torch.Tensor | None = None) -> torch.Tensor:
     """One token id per row ``(B,)`` from ``softmax(logits)`` (already filtered), or the argmax when greedy.
 
     Inverse-CDF: the CDF is accumulated in float64, so a token's chance of being drawn equals its float32
-    probability to ~1e-16 even at a 152k vocabulary; a token of probability zero is never drawn.
+    probability to ~1e-16 even at a 152k vocabulary; a token of probability zero is never drawn. ``uniforms``
+    ``(B,)``: the draws to use (:func:`keyed_uniforms`); else drawn from ``generator`` (torch's global one).
     """
     if greedy:
         return logits.argmax(-1)
     cdf = logits.softmax(-1).double().cumsum_(-1)  # (B, V)
-    u = torch.rand(cdf.shape[0], 1, dtype=torch.float64, device=cdf.device, generator=generator) * cdf[:, -1:]
+    if uniforms is None:
+        uniforms = torch.rand(cdf.shape[0], dtype=torch.float64, device=cdf.device, generator=generator)
+    u = uniforms.to(cdf.device, torch.float64)[:, None] * cdf[:, -1:]
     # right=True: the first token whose CDF exceeds u, so zero-probability tokens (flat CDF) are skipped.
     idx = torch.searchsorted(cdf, u, right=True).squeeze(1)
     # u < cdf[-1] always, barring a rounding tie at the very top: fall back to the most likely token there.
@@ -158,22 +186,24 @@ def _reserve(cache, rows: torch.Tensor, limit: int):
 
 
 def decode(model, prompt_inputs: dict[str, Any], sampling: SamplingParams, *, eos_ids: Sequence[int],
-           pad_id: int, suppress: Sequence[int] = (),
-           generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+           pad_id: int, suppress: Sequence[int] = (), generator: torch.Generator | None = None,
+           keys: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample ``sampling.n`` responses for each of the ``U`` left-padded prompts in ``prompt_inputs``.
 
     Returns ids ``(U * n, R)``, prompt-major (the samples of prompt 0 first), ``R <= max_new_tokens``: each
     row holds its tokens up to and including its first EOS, then ``pad_id``; and the float32 log-prob
     ``(U * n, R)`` of each token under ``softmax(logits / temperature)`` (the distribution the trainer
     scores, before top-k/top-p), 0 after EOS. Both on CPU. The model runs in the caller's mode (use eval()).
+    ``keys`` ``(U * n,)`` int64: one key per sample row, which alone decides its draws (:func:`keyed_uniforms`);
+    None: ``generator``.
     """
     with torch.inference_mode():  # lighter than no_grad for the many small ops of a decode step
         ids, logprobs = _decode(model, prompt_inputs, sampling, eos_ids=eos_ids, pad_id=pad_id, suppress=suppress,
-                                generator=generator)
+                                generator=generator, keys=keys)
     return ids.clone(), logprobs.clone()  # normal tensors: the trainer embeds the ids under autograd
 
 
-def _decode(model, prompt_inputs, sampling, *, eos_ids, pad_id, suppress, generator):
+def _decode(model, prompt_inputs, sampling, *, eos_ids, pad_id, suppress, generator, keys):
     ids_p, mask_p = prompt_inputs["input_ids"], prompt_inputs["attention_mask"]  # (U, P)
     extra = {k: v for k, v in prompt_inputs.items() if k not in ("input_ids", "attention_mask")}
     U, P = ids_p.shape
@@ -200,7 +230,9 @@ def _decode(model, prompt_inputs, sampling, *, eos_ids, pad_id, suppress, genera
     steps = 0
     for t in range(R):
         banned = suppress_early if t < sampling.min_new_tokens else suppress
-        token = sample_tokens(filter_logits(logits, sampling, banned), greedy=sampling.greedy, generator=generator)
+        draws = None if keys is None else keyed_uniforms(keys[live], t)
+        token = sample_tokens(filter_logits(logits, sampling, banned), greedy=sampling.greedy, generator=generator,
+                              uniforms=draws)
         result[live, t] = token.cpu()
         scaled = logits.float() / sampling.temperature
         logprobs[live, t] = (scaled.gather(-1, token[:, None]).squeeze(1) - scaled.logsumexp(-1)).cpu()

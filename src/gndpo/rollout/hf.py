@@ -8,7 +8,7 @@ import torch
 from gndpo.data.records import PromptRecord
 from gndpo.forward import collate_prompts, encode_prompts
 from gndpo.models import eos_token_ids, special_placeholder_ids, tokenizer_of
-from gndpo.rollout.base import Rollouts, SamplingParams
+from gndpo.rollout.base import Rollouts, SamplingParams, request_seed
 from gndpo.rollout.decode import decode, supports_decode_loop
 
 ENGINES = ("loop", "generate")
@@ -88,8 +88,10 @@ class HFRollout:
                     inputs = encode_prompts(self.processor, batch, suffix=self.suffix,
                                             system_prompt=self.system_prompt, device=device)
                 if self.engine == "loop" and supports_decode_loop(self.model, inputs):
+                    keys = None if sampling.seed is None else torch.tensor(
+                        [request_seed(sampling.seed, r.id, s) for r in batch for s in range(n)], dtype=torch.long)
                     ids, lp = decode(self.model, inputs, sampling, eos_ids=self.eos_ids, pad_id=self.pad_id,
-                                     suppress=self.suppress)
+                                     suppress=self.suppress, keys=keys)
                     chunks.append(ids)  # (b*n, R_i)
                     lps.append(lp)
                 else:

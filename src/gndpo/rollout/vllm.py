@@ -29,7 +29,7 @@ from gndpo import vllm_engine as engine
 from gndpo.data.records import PromptRecord
 from gndpo.errors import GndpoError
 from gndpo.models import eos_token_ids, special_placeholder_ids, tokenizer_of
-from gndpo.rollout.base import Rollouts, SamplingParams
+from gndpo.rollout.base import Rollouts, SamplingParams, request_seed
 from gndpo.rollout.hf import response_mask_from_ids
 
 # Mean |log p_engine - log p_trainer| accepted by the sync check. float32 engines agree with transformers to
@@ -123,7 +123,7 @@ class VLLMRollout:
         for rec, inp in zip(records, inputs):
             for s in range(n):
                 requests.append(inp)
-                params.append(self._params(sampling, engine.request_seed(base, rec.id, s)))
+                params.append(self._params(sampling, request_seed(base, rec.id, s)))
         outs = self.llm.generate(requests, params, use_tqdm=False)
         decode_seconds = time.perf_counter() - start
         rows = [list(o.outputs[0].token_ids) for o in outs]
