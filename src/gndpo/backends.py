@@ -6,6 +6,7 @@ the vLLM and server backends are imported here only when configured, so a plain 
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from typing import Sequence
 
 import torch
@@ -16,14 +17,19 @@ from gndpo.models import (check_compatible, configure_images, load_config, load_
                           resolve_dtype)
 
 
-def build_rollout(cfg: RunConfig, model, processor, *, suffix: str | None, records: Sequence, device):
-    """The student's sampler. ``records``: the training prompts (the vLLM engine sizes its image limit on them)."""
+def build_rollout(cfg: RunConfig, model, processor, *, suffix: str | None, records: Sequence, device, scorer=None):
+    """The student's sampler. ``records``: the training prompts (the vLLM engine sizes its image limit on them);
+    ``scorer``: the ResponseScorer around ``model``, FSDP2's root when sharded (the HF sampler then decodes with
+    the full weights gathered once per rollout, not once per token)."""
     r = cfg.rollout
     if r.backend == "hf":
+        from gndpo.dist import fsdp_units, gathered
         from gndpo.rollout.hf import HFRollout
 
+        sharded = scorer is not None and bool(fsdp_units(scorer))
         return HFRollout(model, processor, suffix=suffix, system_prompt=cfg.data.system_prompt,
-                         micro_batch_size=r.micro_batch_size, engine=r.engine)
+                         micro_batch_size=r.micro_batch_size, engine=r.engine,
+                         gather=(lambda: gathered(scorer)) if sharded else None)
     from gndpo.rollout.vllm import VLLMRollout
 
     def trainer_logprobs(rollouts):  # the sync check's reference: the trainer's model at temperature 1
@@ -31,21 +37,28 @@ def build_rollout(cfg: RunConfig, model, processor, *, suffix: str | None, recor
         model.eval()
         try:
             with torch.no_grad():
-                return rollout_logprobs(model, processor, rollouts, micro_batch_size=cfg.trainer.micro_batch_size,
+                return rollout_logprobs(scorer if scorer is not None else model, processor, rollouts,
+                                        micro_batch_size=cfg.trainer.micro_batch_size,
                                         suffix=suffix, system_prompt=cfg.data.system_prompt, temperature=1.0)
         finally:
             model.train(was_training)
 
     options = engine_options(cfg, r.vllm, processor, path=cfg.model.path, trust_remote_code=cfg.model.trust_remote_code,
                              dtype=cfg.model.dtype, device=device, records=records, extra_tokens=0)
+    # vLLM's sleep mode works through one allocator per process: a sleeping sampler would free an in-process vLLM
+    # teacher's memory too, so it stays awake beside one
+    options = replace(options, sleep=r.vllm.sleep and cfg.teacher.backend != "vllm")
     return VLLMRollout(model, processor, path=cfg.model.path, options=options, suffix=suffix,
                        system_prompt=cfg.data.system_prompt, score_fn=trainer_logprobs,
                        check_every=r.sync_check_every, check_responses=r.sync_check_responses,
                        tolerance=r.sync_tolerance)
 
 
-def build_teacher(cfg: RunConfig, student_processor, *, suffix: str | None, records: Sequence, device, images: dict):
-    """The teacher that scores the student's tokens, after checking it tokenizes as the student does."""
+def build_teacher(cfg: RunConfig, student_processor, *, suffix: str | None, records: Sequence, device, images: dict,
+                  dist=None):
+    """The teacher that scores the student's tokens, after checking it tokenizes as the student does. Under
+    torchrun each rank scores its own share: with a full copy of an hf teacher, or its shard
+    (``dist.shard_teacher``)."""
     te = cfg.teacher
     if te.backend == "server":
         from gndpo.teacher.client import ServerTeacher
@@ -73,7 +86,15 @@ def build_teacher(cfg: RunConfig, student_processor, *, suffix: str | None, reco
     configure_images(loaded.processor, **images)  # the teacher sees the images as the student does
     if te.check_compatibility:
         check_compatible(student_processor, loaded.processor)
-    return HFTeacher(loaded.model, loaded.processor, suffix=suffix, system_prompt=cfg.data.system_prompt,
+    model = loaded.model
+    if dist is not None and dist.distributed and cfg.dist.shard_teacher:
+        from gndpo.dist import apply_fsdp
+        from gndpo.forward import ResponseScorer
+
+        model.requires_grad_(False)
+        model = ResponseScorer(model)
+        apply_fsdp(model, loaded.model)
+    return HFTeacher(model, loaded.processor, suffix=suffix, system_prompt=cfg.data.system_prompt,
                      micro_batch_size=te.micro_batch_size)
 
 

@@ -12,6 +12,9 @@ Layout::
           tokenizer / processor files                             when a processor is given
           trainer_state.pt            optimizer, scheduler, RNG states, user state (step, data position)
           config.yaml                 the run config at save time
+          sharded/                    the trainer's checkpoints (format 2): model + optimizer as a Distributed
+                                      Checkpoint, every rank writing its shards; any number of ranks resumes
+                                      from it (DCP reshards), and trainer_state.pt then holds no optimizer
           COMPLETE                    written last: a directory without it is not a checkpoint
 
 A checkpoint is written into ``checkpoints/.tmp-step-000012-<pid>``, every file is fsynced, the
@@ -20,8 +23,11 @@ never leaves a partial checkpoint where :func:`latest_checkpoint` would find it.
 step renames the old one to ``.old-…`` first; deleting (``keep_last``) renames to ``.del-…`` first.
 Leftovers of interrupted saves are cleaned (or, for ``.old-…``, put back) on the next save or resume.
 
-Only the process that saves should call these functions (rank 0 in a distributed run), with the full,
-unwrapped model (or, for a LoRA run, its PEFT wrapper from :func:`gndpo.lora.apply_lora`).
+With ``dist`` (the trainer), every rank calls :func:`save_checkpoint` and :func:`load_checkpoint`: they write
+and read the sharded state together, and rank 0 alone writes the Hugging Face files (gathered from the shards),
+the trainer state and the marker, then renames. Without it (and for LoRA runs, whose adapters are small), one
+process saves the unwrapped model (or its PEFT wrapper from :func:`gndpo.lora.apply_lora`) and the optimizer's
+own state dict (format 1, which the loader still reads).
 
 :func:`export_checkpoint` turns a checkpoint into a standalone Hugging Face directory (``gndpo export``).
 """
@@ -52,10 +58,12 @@ TRAINER_STATE = "trainer_state.pt"
 CHECKPOINT_CONFIG = "config.yaml"
 RUN_CONFIG = "run_config.yaml"
 METRICS_FILE = "metrics.jsonl"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+SHARDED_DIR = "sharded"
 
 # Config keys that may change between a run and its resumption; everything else must match.
-RESUME_MUTABLE_KEYS = ("trainer.total_steps", "trainer.resume", "trainer.output_dir", "logging.*", "checkpoint.*")
+RESUME_MUTABLE_KEYS = ("trainer.total_steps", "trainer.resume", "trainer.output_dir", "trainer.dist_timeout",
+                       "logging.*", "checkpoint.*", "dist.*")
 
 _STEP_RE = re.compile(r"^step-(\d+)$")
 _OLD_RE = re.compile(r"^\.old-(step-\d+)-\d+$")
@@ -152,32 +160,54 @@ def save_checkpoint(
     state: dict,
     config: Mapping | None,
     keep_last: int | None = None,
+    dist=None,
 ) -> Path:
     """Save the student (HF ``save_pretrained`` layout), its processor, the optimizer, scheduler, RNG
     states, ``state`` and ``config`` as ``run_dir/checkpoints/step-{step:06d}``, atomically.
 
-    An existing checkpoint of the same step is replaced. ``keep_last``: then delete all but that many newest
-    complete checkpoints. Returns the checkpoint directory.
+    ``dist`` (a :class:`gndpo.dist.DistContext`; every rank calls): model and optimizer also go to a sharded
+    Distributed Checkpoint that any world size resumes from. An existing checkpoint of the same step is replaced.
+    ``keep_last``: then delete all but that many newest complete checkpoints. Returns the checkpoint directory.
     """
     if keep_last is not None and keep_last < 1:
         raise GndpoError(f"checkpoint.keep_last must be >= 1 or null, got {keep_last}; set 1 or more")
+    sharded = dist is not None and not _is_peft(model)
+    main = dist is None or dist.is_main
     root = Path(run_dir) / CHECKPOINTS_DIR
-    root.mkdir(parents=True, exist_ok=True)
-    _tidy(root)
     final = checkpoint_path(run_dir, step)
-    tmp = root / f".tmp-{final.name}-{os.getpid()}"
-    try:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+    # every rank must agree on the temporary directory: no pid in its name when the ranks write together
+    tmp = root / (f".tmp-{final.name}" if sharded else f".tmp-{final.name}-{os.getpid()}")
+    if main:
+        root.mkdir(parents=True, exist_ok=True)
+        _tidy(root)
+        shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        model.save_pretrained(tmp)
+    if sharded:
+        from gndpo import dist as distributed
+
+        dist.barrier()
+        try:
+            distributed.save_sharded(str(tmp / SHARDED_DIR), model, optimizer)
+            full = distributed.full_state_dict(model) if dist.distributed else None
+        except BaseException:
+            if main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    if not main:
+        dist.barrier()  # rank 0 finishes and renames
+        return final
+    try:
+        if sharded and full is not None:
+            model.save_pretrained(tmp, state_dict=full)
+        else:
+            model.save_pretrained(tmp)
         if processor is not None:
             processor.save_pretrained(tmp)
         torch.save(
             {
-                "format": FORMAT_VERSION,
+                "format": FORMAT_VERSION if sharded else 1,
                 "step": step,
-                "optimizer": optimizer.state_dict() if optimizer is not None else None,
+                "optimizer": optimizer.state_dict() if optimizer is not None and not sharded else None,
                 "scheduler": scheduler.state_dict() if scheduler is not None else None,
                 "rng": _rng_state(),
                 "state": state,
@@ -205,6 +235,8 @@ def save_checkpoint(
         for ckpt in list_checkpoints(run_dir)[:-keep_last]:
             if ckpt != final:
                 _remove(ckpt)
+    if dist is not None and sharded:
+        dist.barrier()
     return final
 
 
@@ -315,11 +347,20 @@ def load_checkpoint(ckpt_dir: str | Path, *, model, optimizer=None, scheduler=No
     # Only our own file, written by save_checkpoint, is unpickled in full (it holds RNG tuples and numpy state).
     trainer_state = torch.load(ckpt_dir / TRAINER_STATE, map_location="cpu", weights_only=False)
 
-    with torch.no_grad():
-        if _is_peft(model) or is_adapter_checkpoint(ckpt_dir):
-            load_adapter_state(model, ckpt_dir)
-        else:
-            _load_into(model, _saved_weights(model, ckpt_dir), ckpt_dir)
+    if (ckpt_dir / SHARDED_DIR).is_dir():  # format 2: model and optimizer from the shards, any world size
+        if optimizer is None:
+            raise GndpoError(f"checkpoint {ckpt_dir} keeps its optimizer in shards; load it with an optimizer, or "
+                             "read its Hugging Face files (from_pretrained) for the weights alone")
+        from gndpo import dist as distributed
+
+        distributed.load_sharded(str(ckpt_dir / SHARDED_DIR), model, optimizer)
+        optimizer = None  # loaded
+    else:
+        with torch.no_grad():
+            if _is_peft(model) or is_adapter_checkpoint(ckpt_dir):
+                load_adapter_state(model, ckpt_dir)
+            else:
+                _load_into(model, _saved_weights(model, ckpt_dir), ckpt_dir)
     if optimizer is not None:
         if trainer_state.get("optimizer") is None:
             raise GndpoError(f"checkpoint {ckpt_dir} holds no optimizer state; load it without an optimizer")
@@ -393,7 +434,7 @@ def prepare_run_dir(run_dir: str | Path, *, config: Mapping, resume: bool) -> Pa
 
 # ---------------------------------------------------------------------------------------------- export
 # Files of a checkpoint that belong to the trainer, not to the model: never exported.
-_TRAINER_FILES = (TRAINER_STATE, CHECKPOINT_CONFIG, COMPLETE_MARKER)
+_TRAINER_FILES = (TRAINER_STATE, CHECKPOINT_CONFIG, COMPLETE_MARKER, SHARDED_DIR)
 
 
 def _find_checkpoint(run_dir: Path, step: int | None) -> Path:

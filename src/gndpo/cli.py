@@ -66,11 +66,17 @@ def _train(args: argparse.Namespace) -> int:
 
         raise ConfigError("--gpu-memory, --world-size, --shard and --shard-teacher size the resource plan; "
                           "add --dry-run")
+    from gndpo.dist import init_from_env, shutdown
     from gndpo.train import train
 
-    metrics = train(cfg)
-    print(f"done: {cfg.trainer.total_steps} steps, run directory {cfg.trainer.output_dir}; "
-          f"final loss {metrics.get('loss', float('nan')):.4g}, accuracy {metrics.get('accuracy', float('nan')):.3f}")
+    dist = init_from_env(cfg.trainer.dist_timeout)  # torchrun: join the process group; else one process
+    try:
+        metrics = train(cfg, dist=dist)
+    finally:
+        shutdown()
+    if dist.is_main:
+        print(f"done: {cfg.trainer.total_steps} steps, run directory {cfg.trainer.output_dir}; "
+              f"final loss {metrics.get('loss', float('nan')):.4g}, accuracy {metrics.get('accuracy', float('nan')):.3f}")
     return 0
 
 

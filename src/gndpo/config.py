@@ -59,8 +59,9 @@ class VLLMConfig:
                                       "rollout.max_new_tokens (+1 for scoring).")
     enforce_eager: bool = _f(False, "Disable CUDA graphs (less memory, slower decoding). Always on for CPUs.")
     tensor_parallel_size: int = _f(1, "GPUs one engine spans (tensor parallelism).")
-    sleep: bool = _f(True, "CUDA: free the engine's memory (weights and KV cache) while the trainer scores and "
-                     "updates, and wake it with the new weights for the next rollout; no effect on CPUs.")
+    sleep: bool = _f(True, "rollout.vllm, CUDA: free the engine's memory (weights and KV cache) while the trainer "
+                     "scores and updates, and wake it with the new weights for the next rollout. Off beside an "
+                     "in-process vLLM teacher (one sleep allocator per process); no effect on CPUs or teachers.")
 
 
 @dataclass
@@ -189,6 +190,21 @@ class TrainerConfig:
     threads: Optional[int] = _f(None, "torch CPU threads; default: torch's choice.")
     output_dir: str = _f("runs/gndpo", "Run directory: metrics, checkpoints, config.")
     resume: bool = _f(False, "Continue the run in output_dir from its newest complete checkpoint.")
+    dist_timeout: float = _f(1800.0, "torchrun: seconds a collective waits for a missing rank before every rank "
+                             "stops with an error (a rank that died, a hung node) instead of hanging.")
+
+
+@dataclass
+class DistConfig:
+    param_dtype: Optional[str] = _f(None, "torchrun: FSDP2 compute dtype of the gathered student weights (e.g. "
+                                    "bfloat16 over float32 stored weights); null = the stored dtype.",
+                                    choices=(None, "float32", "bfloat16", "float16"))
+    reduce_dtype: str = _f("float32", "torchrun: dtype in which gradients are summed over ranks.",
+                           choices=("float32", "bfloat16", "float16"))
+    cpu_offload: bool = _f(False, "torchrun: keep the sharded student weights, gradients and optimizer state on the "
+                           "CPU between uses (less GPU memory, slower steps).")
+    shard_teacher: bool = _f(False, "torchrun: shard the hf teacher's weights over the ranks too (else each rank "
+                             "holds a full copy; forward only either way).")
 
 
 @dataclass
@@ -216,6 +232,7 @@ class RunConfig:
     algorithm: AlgorithmConfig = _f(None, "Advantages and policy loss.", factory=AlgorithmConfig)
     optim: OptimConfig = _f(None, "Optimizer.", factory=OptimConfig)
     trainer: TrainerConfig = _f(None, "Loop, batch sizes, output.", factory=TrainerConfig)
+    dist: DistConfig = _f(None, "Several processes (torchrun): sharding and precision.", factory=DistConfig)
     logging: LoggingConfig = _f(None, "Metric loggers.", factory=LoggingConfig)
     checkpoint: CheckpointConfig = _f(None, "Checkpointing.", factory=CheckpointConfig)
 
@@ -410,6 +427,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     _check(t.prompts_per_step >= 1, "trainer.prompts_per_step must be >= 1")
     _check(t.micro_batch_size >= 1, "trainer.micro_batch_size must be >= 1")
     _check(t.threads is None or t.threads >= 1, "trainer.threads must be >= 1 or null")
+    _check(t.dist_timeout > 0, "trainer.dist_timeout must be > 0 seconds")
     _check(cfg.data.max_prompt_length >= 1, "data.max_prompt_length must be >= 1")
     _check(cfg.data.limit is None or cfg.data.limit >= 1, "data.limit must be >= 1 or null")
     for key in ("max_image_tiles", "min_pixels", "max_pixels"):

@@ -183,16 +183,49 @@ def shares_prefixes(model) -> bool:
     return base is not None and not checkpointing
 
 
+class ResponseScorer(torch.nn.Module):
+    """The module every scoring pass (old log-probs, teacher, update) enters: its forward is
+    :func:`response_logprobs` on the wrapped Hugging Face model.
+
+    gndpo's paths call the inner model and the LM head's weight directly (chunked log-probs, shared prefixes),
+    which bypasses the HF model's own forward. Under FSDP2 this wrapper is the root that ``fully_shard`` wraps
+    (:func:`gndpo.dist.apply_fsdp`): entering it gathers the parameters outside the per-layer units (embeddings,
+    final norm, LM head, projector) and its backward reduces their gradients. In one process it adds nothing.
+    """
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args, **kwargs):
+        return _response_logprobs(self.model, *args, **kwargs)
+
+
+def hf_model(model):
+    """The Hugging Face model inside a :class:`ResponseScorer` (or ``model`` itself)."""
+    return model.model if isinstance(model, ResponseScorer) else model
+
+
 def response_logprobs(model, prompt_inputs: dict[str, Any], response_ids: torch.Tensor, response_mask: torch.Tensor,
                       *, prompt_index: torch.Tensor | None = None, temperature: float = 1.0,
                       with_entropy: bool = False, chunk_size: int = 1024):
     """Log-probs ``(B, R)`` of ``response_ids`` given the prompts, and optionally token entropies ``(B, R)``.
 
+    ``model``: a Hugging Face model or a :class:`ResponseScorer` (entered through its forward).
     ``prompt_inputs`` are left-padded ``(U, P)``; responses are right-padded ``(B, R)``; response ``b``
     answers prompt ``prompt_index[b]`` (default: ``U == B``, row b). With ``U < B`` (only when
     :func:`shares_prefixes`), each prompt runs once and its KV cache serves all its samples. Positions outside
     ``response_mask`` hold 0. Gradients flow when called under grad mode.
     """
+    kwargs = dict(prompt_index=prompt_index, temperature=temperature, with_entropy=with_entropy,
+                  chunk_size=chunk_size)
+    if isinstance(model, ResponseScorer):
+        return model(prompt_inputs, response_ids, response_mask, **kwargs)
+    return _response_logprobs(model, prompt_inputs, response_ids, response_mask, **kwargs)
+
+
+def _response_logprobs(model, prompt_inputs, response_ids, response_mask, *, prompt_index, temperature,
+                       with_entropy, chunk_size):
     B, R = response_ids.shape
     rows = torch.arange(B, device=response_ids.device) if prompt_index is None else prompt_index
     base, head = _head(model)
@@ -325,7 +358,7 @@ def _packed_prefix_hidden(base, prompt_inputs, rows, response_ids, positions) ->
 def micro_batch_inputs(model, encoded: Sequence[dict], prompt_index: torch.Tensor, *, pad_id: int,
                        device) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
     """Prompt inputs for a micro-batch of responses: unique prompts + row map when prefixes are shared."""
-    if shares_prefixes(model):
+    if shares_prefixes(hf_model(model)):
         unique, rows = torch.unique(prompt_index, return_inverse=True)
         if len(unique) < len(prompt_index):
             return collate_prompts([encoded[int(u)] for u in unique], pad_id=pad_id, device=device), rows.to(device)

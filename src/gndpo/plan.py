@@ -61,9 +61,16 @@ Phases run one after another (rollout, old log-probs, teacher scoring, update, o
 activations (they depend on the number of image tiles; small under gradient checkpointing), the CUDA context
 and allocator fragmentation (typically 1-3 GiB), NCCL buffers, and MoE routing.
 
-FSDP (``--shard fsdp``) is planned, not built: the plan assumes FSDP2 units per decoder layer (as torchtitan
-wraps them) and adds the all-gathered root (embeddings, LM head, vision tower) plus two layers (the current
-one and the prefetched next).
+FSDP (``--shard fsdp``, what ``torchrun`` runs: :func:`gndpo.dist.apply_fsdp`): the units are the decoder
+layers and the vision tower's blocks; the root (embeddings, LM head, projector) is gathered whenever a scoring
+pass runs, plus two layers (the current one and the prefetched next). The hf sampler decodes with the whole
+student gathered (one all-gather per rollout instead of one per token): the rest of the layers count in the
+rollout phase.
+
+vLLM engines (``rollout.backend=vllm``, ``teacher.backend=vllm``) hold their weights and KV cache in the share
+of the GPU their ``gpu_memory_utilization`` reserves, which replaces the hf sampler's (or teacher's) lines; the
+plan can only count it against ``--gpu-memory``. A served teacher (``teacher.backend=server``) takes no memory
+here.
 """
 from __future__ import annotations
 
@@ -402,7 +409,7 @@ def build_plan(cfg: RunConfig, *, world_size: int = 1, shard: str = "none", shar
     lora = m.lora if m.lora.rank > 0 else None
     student = model_shape(m.path, what="model", trust_remote_code=m.trust_remote_code, lora=lora)
     s_name, p = dtype_bytes(m.dtype, tr.device)
-    uses_teacher = a.advantage in ("gndpo", "opd")
+    uses_teacher = a.advantage in ("gndpo", "opd") and t.backend != "server"
     teacher = model_shape(t.path, what="teacher", trust_remote_code=t.trust_remote_code) if uses_teacher else None
     t_name, pt = dtype_bytes(t.dtype, tr.device) if uses_teacher else (None, 0)
     P, R, n, attn = cfg.data.max_prompt_length, r.max_new_tokens, r.n, m.attn_implementation
@@ -412,21 +419,35 @@ def build_plan(cfg: RunConfig, *, world_size: int = 1, shard: str = "none", shar
 
     lines = [MemoryLine("student weights", (), (student.total * p + (adapter_bytes if lora else 0)) // div),
              MemoryLine("optimizer state (AdamW)", (), 2 * trainable_bytes // div)]
-    if teacher is not None:
+    if teacher is not None and t.backend == "hf":
         lines.append(MemoryLine("teacher weights", (), teacher.total * pt // (world_size if shard_teacher else 1)))
+    # a sleeping sampler (CUDA sleep mode, no vLLM teacher in the process) frees its share between rollouts
+    sleeps = r.vllm.sleep and t.backend != "vllm"
+    for backend, section, name, phases in (
+            (r.backend, r.vllm, "vLLM engine (rollout)", ("rollout",) if sleeps else ()),
+            (t.backend if teacher is not None else None, t.vllm, "vLLM engine (teacher)", ())):
+        if backend == "vllm":  # the engine reserves its share of the GPU up front
+            if gpu_memory is None:  # the config is valid; only this plan cannot be made
+                raise ModelError(f"{name} reserves {section.gpu_memory_utilization:g} of the GPU's memory; pass "
+                                  "--gpu-memory so the plan can count it")
+            lines.append(MemoryLine(name, phases, int(section.gpu_memory_utilization * gpu_memory)))
     if shard == "fsdp":
         gathered = (student.total - (student.layers - 2) * student.layer_params) * p
         if shard_teacher and teacher is not None:
             gathered += (teacher.total - (teacher.layers - 2) * teacher.layer_params) * pt
         lines.append(MemoryLine("FSDP all-gathered units", (), gathered))
-    lines += _rollout_lines(student, p, cfg, attn)
+    if r.backend == "hf":
+        lines += _rollout_lines(student, p, cfg, attn)
+        if shard == "fsdp":  # decoding gathers the layers the persistent line above does not hold
+            lines.append(MemoryLine("student gathered for decoding", ("rollout",),
+                                    (student.layers - 2) * student.layer_params * p))
     # the student's scoring shares prompts over a KV cache unless activations are checkpointed
     shared = not m.gradient_checkpointing and student.shares_prefixes
     sampler_lp = a.old_logprobs == "sampler" and r.engine == "loop" and student.decode_loop
     if not sampler_lp and not old_logprobs_redundant(cfg):
         lines += _scoring_lines(student, p, "old log-probs", "old log-probs", tr.micro_batch_size, n, P, R,
                                 shared=shared, attn=attn)
-    if teacher is not None:  # loaded without attn_implementation: SDPA
+    if teacher is not None and t.backend == "hf":  # loaded without attn_implementation: SDPA
         lines += _scoring_lines(teacher, pt, "teacher scoring", "teacher scoring", t.micro_batch_size, n, P, R,
                                 shared=teacher.shares_prefixes, attn=None)
     lines.append(MemoryLine("gradients", ("update", "optimizer step"), trainable_bytes // div))

@@ -34,13 +34,13 @@ from gndpo.core.losses import compute_policy_loss
 from gndpo.data.loaders import load_records
 from gndpo.data.sampler import PromptSampler
 from gndpo.data.templates import PAPER_SUFFIX
-from gndpo.dist import LOCAL, DistContext
-from gndpo.errors import DataError
-from gndpo.forward import (encode_each, micro_batch_inputs, pad_token_id, prompt_lengths, repeat_for_samples,
-                           response_logprobs, rollout_logprobs)
+from gndpo.dist import LOCAL, DistContext, apply_fsdp, clip_grad_norm
+from gndpo.errors import ConfigError, DataError
+from gndpo.forward import (ResponseScorer, encode_each, micro_batch_inputs, pad_token_id, prompt_lengths,
+                           repeat_for_samples, response_logprobs, rollout_logprobs)
 from gndpo.lora import apply_lora
 from gndpo.models import configure_images, load_model, resolve_device
-from gndpo.report.loggers import build_loggers
+from gndpo.report.loggers import MultiLogger, build_loggers
 from gndpo.rewards import get_reward
 from gndpo.rollout.base import Rollouts, SamplingParams
 
@@ -74,16 +74,21 @@ def seed_everything(seed: int) -> None:
 
 
 def compute_step_advantages(cfg: RunConfig, rollouts: Rollouts, old_lp: torch.Tensor, teacher_lp: torch.Tensor | None,
-                            outcome: torch.Tensor, reduce) -> tuple[torch.Tensor, dict]:
+                            outcome: torch.Tensor, dist: DistContext) -> tuple[torch.Tensor, dict]:
     a = cfg.algorithm
     mask = rollouts.response_mask
-    if a.advantage == "grpo":
+    reduce = dist.all_reduce if dist.distributed else None
+    if a.advantage == "grpo":  # groups are whole on a rank: the advantages are local, the metrics pooled
         adv, metrics = compute_advantages("grpo", rewards=outcome, group_ids=rollouts.prompt_index,
-                                          response_mask=mask, norm_by_std=a.norm_by_std)
+                                          response_mask=mask, norm_by_std=a.norm_by_std, reduce=reduce)
         # The reward of an outcome run is the per-response 0/1 score; no log-ratio is clamped.
-        std = float(outcome.std()) if outcome.numel() > 1 else 0.0
-        metrics = {"reward_mean": float(outcome.mean()), "reward_std": std, "reward_min": float(outcome.min()),
-                   "reward_max": float(outcome.max()), "clamp_frac": 0.0, **metrics}
+        n = float(outcome.numel())
+        pooled = dist.pool(sums={"mean": (float(outcome.sum()), n), "sq": (float((outcome ** 2).sum()), n)},
+                           maxima={"max": float(outcome.max())}, minima={"min": float(outcome.min())})
+        total = n * dist.world_size  # every rank holds the same number of responses
+        var = max(pooled["sq"] - pooled["mean"] ** 2, 0.0) * total / (total - 1) if total > 1 else 0.0
+        metrics = {"reward_mean": pooled["mean"], "reward_std": math.sqrt(var), "reward_min": pooled["min"],
+                   "reward_max": pooled["max"], "clamp_frac": 0.0, **metrics}
         return adv, metrics
     return compute_advantages(a.advantage, teacher_logprobs=teacher_lp, student_logprobs=old_lp, response_mask=mask,
                               clamp=a.reward_clamp, scope=a.scope, group_ids=rollouts.prompt_index, reduce=reduce)
@@ -137,8 +142,8 @@ def update_policy(cfg: RunConfig, model, optimizer, scheduler, rollouts: Rollout
                 if ent is not None:
                     ent_sum += float((ent * part.response_mask.to(device)).sum())
                     ent_count += float(part.response_mask.sum())
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf)
-            grad_norm = float(grad_norm)
+            # the global norm over every rank's gradient shards (FSDP2), clipped in place
+            grad_norm = clip_grad_norm(params, cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf, dist)
             if math.isfinite(grad_norm):
                 optimizer.step()
                 scheduler.step()
@@ -148,12 +153,13 @@ def update_policy(cfg: RunConfig, model, optimizer, scheduler, rollouts: Rollout
             stats.setdefault("loss", []).append(float(dist.all_reduce(torch.tensor(loss_sum, dtype=torch.float64))))
             stats.setdefault("grad_norm", []).append(grad_norm)
             stats.setdefault("update_skipped", []).append(0.0 if math.isfinite(grad_norm) else 1.0)
-            tok = sum(w for w, _ in mb_metrics) or 1.0
-            for key in mb_metrics[0][1]:
-                stats.setdefault(key, []).append(sum(w * lm[key] for w, lm in mb_metrics) / tok)
+            tok = sum(w for w, _ in mb_metrics)  # token-weighted over the micro-batches of all ranks
+            pooled = dist.pool(sums={key: (sum(w * lm[key] for w, lm in mb_metrics), tok) for key in mb_metrics[0][1]})
+            for key, value in pooled.items():
+                stats.setdefault(key, []).append(value)
     out = {k: float(np.mean(v)) for k, v in stats.items()}
     out["grad_norm_max"] = float(np.max(stats["grad_norm"]))
-    out["entropy"] = ent_sum / ent_count if ent_count else float("nan")
+    out["entropy"] = dist.pool(sums={"entropy": (ent_sum, ent_count)})["entropy"]
     out["lr"] = scheduler.get_last_lr()[0]
     return out
 
@@ -164,21 +170,20 @@ def old_logprobs_redundant(cfg: RunConfig) -> bool:
     return a.reuse_logprobs and a.advantage == "grpo" and a.epochs == 1 and a.mini_batches == 1
 
 
-def rollout_metrics(rollouts: Rollouts, outcome: torch.Tensor, old_lp: torch.Tensor | None = None) -> dict:
+def rollout_metrics(rollouts: Rollouts, outcome: torch.Tensor, old_lp: torch.Tensor | None = None,
+                    dist: DistContext = LOCAL) -> dict:
+    """Per-response means and maxima over every rank's rollouts."""
     lengths = rollouts.response_mask.sum(-1).float()
-    out = {
-        "accuracy": float(outcome.mean()),
-        "response_length": float(lengths.mean()),
-        "response_length_max": float(lengths.max()),
-        "truncated_frac": float(rollouts.truncated.float().mean()),
-        "prompt_length": float(rollouts.prompt_lengths.float().mean()),
-    }
+    n = float(outcome.numel())
+    maxima = {"response_length_max": float(lengths.max())}
     if old_lp is not None and rollouts.sampler_logprobs is not None and old_lp is not rollouts.sampler_logprobs:
         # sampler vs trainer log-probs of the same tokens: at most ~5e-5 when both run the same fp32 model; a
         # large value means the rollouts are off-policy (dtype, kernels or a stale sampler)
         diff = (old_lp - rollouts.sampler_logprobs).abs()[rollouts.response_mask]
-        out["rollout/logprob_diff_max"] = float(diff.max()) if diff.numel() else 0.0
-    return out
+        maxima["rollout/logprob_diff_max"] = float(diff.max()) if diff.numel() else 0.0
+    return dist.pool(sums={"accuracy": (float(outcome.sum()), n), "response_length": (float(lengths.sum()), n),
+                           "truncated_frac": (float(rollouts.truncated.float().sum()), n),
+                           "prompt_length": (float(rollouts.prompt_lengths.float().sum()), n)}, maxima=maxima)
 
 
 # ---------------------------------------------------------------- setup
@@ -217,11 +222,18 @@ def build_optimizer(cfg: RunConfig, model):
 
 def train(cfg: RunConfig, *, dist: DistContext = LOCAL,
           callbacks: Sequence[Callable[[StepRecord], None]] = ()) -> dict:
-    """Run (or resume) training as configured. Returns the last step's metrics."""
+    """Run (or resume) training as configured, on this process's share of every step when ``dist`` spans several
+    (torchrun). Returns the last step's metrics."""
     t_cfg, a = cfg.trainer, cfg.algorithm
     if t_cfg.threads:
         torch.set_num_threads(t_cfg.threads)
-    resume_from = ckpt.prepare_run_dir(t_cfg.output_dir, config=to_dict(cfg), resume=t_cfg.resume)
+    if t_cfg.prompts_per_step % dist.world_size:  # whole prompt groups per rank, equal shares
+        raise ConfigError(f"trainer.prompts_per_step={t_cfg.prompts_per_step} is not divisible by the "
+                          f"{dist.world_size} processes; use a multiple of {dist.world_size}")
+    if dist.distributed and cfg.model.lora.rank > 0:
+        raise ConfigError("LoRA (model.lora.rank > 0) trains in one process only for now; drop torchrun or LoRA")
+    resume_from = dist.on_main(lambda: ckpt.prepare_run_dir(t_cfg.output_dir, config=to_dict(cfg),
+                                                            resume=t_cfg.resume))
     seed_everything(t_cfg.seed + dist.rank)
     device = resolve_device(t_cfg.device)
     suffix = resolve_suffix(cfg.data.prompt_suffix)
@@ -236,22 +248,27 @@ def train(cfg: RunConfig, *, dist: DistContext = LOCAL,
         (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
     adapters = apply_lora(model, cfg.model.lora)  # None unless model.lora.rank > 0; `model` stays the compute path
     saved = adapters if adapters is not None else model  # what checkpoints hold: the adapters, or the full model
+    scorer = ResponseScorer(model)  # every scoring pass enters here: FSDP2's root under torchrun
+    if dist.distributed:
+        apply_fsdp(scorer, model, param_dtype=_dtype(cfg.dist.param_dtype), reduce_dtype=_dtype(cfg.dist.reduce_dtype),
+                   cpu_offload=cfg.dist.cpu_offload)
     records, skipped_prompts = drop_long_prompts(cfg, records, processor, suffix)
     teacher = None
     if a.advantage in ("gndpo", "opd"):
-        teacher = build_teacher(cfg, processor, suffix=suffix, records=records, device=device, images=images)
-    rollout = build_rollout(cfg, model, processor, suffix=suffix, records=records, device=device)
+        teacher = build_teacher(cfg, processor, suffix=suffix, records=records, device=device, images=images, dist=dist)
+    rollout = build_rollout(cfg, model, processor, suffix=suffix, records=records, device=device, scorer=scorer)
     reward_fn = get_reward(a.outcome_reward)
     sampling = SamplingParams(n=cfg.rollout.n, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
                               top_k=cfg.rollout.top_k, max_new_tokens=cfg.rollout.max_new_tokens,
                               min_new_tokens=cfg.rollout.min_new_tokens)
-    optimizer, scheduler = build_optimizer(cfg, model)
+    optimizer, scheduler = build_optimizer(cfg, scorer)
     sampler = PromptSampler(len(records), t_cfg.prompts_per_step, seed=t_cfg.seed, shuffle=cfg.data.shuffle)
     minibatch_gen = torch.Generator().manual_seed(t_cfg.seed)
 
     start_step = 0
     if resume_from is not None:
         state = ckpt.load_checkpoint(resume_from, model=saved, optimizer=optimizer, scheduler=scheduler)
+        rollout.weights_changed()
         start_step = int(state["step"])
         sampler.load_state_dict(state["sampler"])
         minibatch_gen.set_state(state["minibatch_generator"])
@@ -259,17 +276,19 @@ def train(cfg: RunConfig, *, dist: DistContext = LOCAL,
 
     loggers = build_loggers(t_cfg.output_dir, tensorboard=cfg.logging.tensorboard, wandb=cfg.logging.wandb,
                             wandb_project=cfg.logging.wandb_project, run_name=cfg.logging.run_name,
-                            config=to_dict(cfg), resume_step=start_step if resume_from is not None else None)
+                            config=to_dict(cfg), resume_step=start_step if resume_from is not None else None) \
+        if dist.is_main else MultiLogger([])
     from tqdm.auto import tqdm
 
     bar = tqdm(total=t_cfg.total_steps, initial=start_step, desc=f"{a.method}", unit="step",
                disable=not (cfg.logging.progress and dist.is_main), dynamic_ncols=True)
     metrics: dict = {}
-    reduce = dist.all_reduce if dist.world_size > 1 else None
+    share = t_cfg.prompts_per_step // dist.world_size
     try:
         for step in range(start_step, t_cfg.total_steps):
             timer = time.perf_counter()
-            batch = [records[i] for i in sampler.next_batch()]
+            # the same global batch on every rank (same seed); each takes its slice of whole prompt groups
+            batch = [records[i] for i in sampler.next_batch()[dist.rank * share:(dist.rank + 1) * share]]
             encoded = encode_each(processor, batch, suffix=suffix, system_prompt=cfg.data.system_prompt)
             rollouts = rollout.generate(batch, replace(sampling, seed=t_cfg.seed * 1_000_003 + step), encoded=encoded)
             t_rollout = time.perf_counter()
@@ -282,7 +301,7 @@ def train(cfg: RunConfig, *, dist: DistContext = LOCAL,
                                 "generate, which reports no log-probs; recomputing them")
                 model.eval()  # the pre-update policy without dropout, as the sampler ran it (the update sets train())
                 with torch.no_grad():
-                    old_lp = rollout_logprobs(model, processor, rollouts, micro_batch_size=t_cfg.micro_batch_size,
+                    old_lp = rollout_logprobs(scorer, processor, rollouts, micro_batch_size=t_cfg.micro_batch_size,
                                               suffix=suffix, system_prompt=cfg.data.system_prompt,
                                               temperature=cfg.rollout.temperature, encoded=encoded)
             t_old = time.perf_counter()
@@ -291,15 +310,15 @@ def train(cfg: RunConfig, *, dist: DistContext = LOCAL,
             outcome = torch.tensor(reward_fn(rollouts.texts, [r.answer for r in repeat_for_samples(
                 rollouts.records, rollouts.prompt_index)]), dtype=torch.float32)  # (B,)
             t_reward = time.perf_counter()
-            advantages, adv_metrics = compute_step_advantages(cfg, rollouts, old_lp, teacher_lp, outcome, reduce)
+            advantages, adv_metrics = compute_step_advantages(cfg, rollouts, old_lp, teacher_lp, outcome, dist)
             t_adv = time.perf_counter()
-            upd = update_policy(cfg, model, optimizer, scheduler, rollouts, encoded, old_lp, advantages,
+            upd = update_policy(cfg, scorer, optimizer, scheduler, rollouts, encoded, old_lp, advantages,
                                 pad_id=pad_token_id(processor), dist=dist, generator=minibatch_gen)
             rollout.weights_changed()  # a vLLM engine takes the new weights before its next rollout
             t_update = time.perf_counter()
 
-            n_tokens = int(rollouts.response_mask.sum())
-            metrics = {**upd, **adv_metrics, **rollout_metrics(rollouts, outcome, old_lp), **rollouts.stats,
+            n_tokens = float(dist.all_reduce(torch.tensor(float(rollouts.response_mask.sum()))))  # all ranks
+            metrics = {**upd, **adv_metrics, **rollout_metrics(rollouts, outcome, old_lp, dist), **rollouts.stats,
                        "skipped_prompts": float(skipped_prompts), "epoch": float(sampler.epoch),
                        "time/rollout": t_rollout - timer, "time/old_logprobs": t_old - t_rollout,
                        "time/teacher": t_teacher - t_old, "time/reward": t_reward - t_teacher,
@@ -311,11 +330,13 @@ def train(cfg: RunConfig, *, dist: DistContext = LOCAL,
                 ckpt.save_checkpoint(t_cfg.output_dir, done, model=saved, optimizer=optimizer, scheduler=scheduler,
                                      processor=processor, config=to_dict(cfg), keep_last=cfg.checkpoint.keep_last,
                                      state={"step": done, "sampler": sampler.state_dict(),
-                                            "minibatch_generator": minibatch_gen.get_state()})
+                                            "minibatch_generator": minibatch_gen.get_state()}, dist=dist)
             t_end = time.perf_counter()
             metrics["time/checkpoint"] = t_end - t_update
             metrics["time/step"] = t_end - timer
             metrics["tokens_per_sec"] = n_tokens / max(t_end - timer, 1e-9)
+            if device.type == "cuda":  # the fullest rank's peak since the run started
+                metrics.update(dist.pool(maxima={"memory/max_allocated_gib": torch.cuda.max_memory_allocated() / 2**30}))
             if dist.is_main:
                 loggers.log(metrics, done)
             bar.set_postfix(loss=f"{metrics['loss']:.4f}", gnorm=f"{metrics['grad_norm']:.3f}",
@@ -328,6 +349,10 @@ def train(cfg: RunConfig, *, dist: DistContext = LOCAL,
         if teacher is not None:
             teacher.close()
     return metrics
+
+
+def _dtype(name: str | None) -> torch.dtype | None:
+    return None if name is None else getattr(torch, name)
 
 
 def should_save(cfg: RunConfig, step: int) -> bool:

@@ -76,6 +76,7 @@ class EngineOptions:
     # image-processor settings the run changed (data.max_image_tiles, data.min_pixels/max_pixels): vLLM runs the
     # model's own processor, which must cut images into the same tiles and sizes as the trainer's
     processor_kwargs: tuple = ()
+    sleep: bool = False  # CUDA: sleep mode (free weights and KV cache between uses); vLLM's allocator is per process
 
 
 def start_engine(path: str, options: EngineOptions, *, logprobs_mode: str = "raw_logprobs") -> tuple[Any, bool]:
@@ -88,7 +89,7 @@ def start_engine(path: str, options: EngineOptions, *, logprobs_mode: str = "raw
         tensor_parallel_size=options.tensor_parallel_size, logprobs_mode=logprobs_mode,
         gpu_memory_utilization=options.gpu_memory_utilization,
         # sleep mode frees the engine's GPU memory while the trainer scores and updates; CUDA only
-        enable_sleep_mode=torch.cuda.is_available())
+        enable_sleep_mode=options.sleep and torch.cuda.is_available())
     if options.max_images:
         kwargs["limit_mm_per_prompt"] = {"image": options.max_images}
     if options.processor_kwargs:
@@ -176,7 +177,10 @@ def live_weights(model) -> Iterator[tuple[str, torch.Tensor]]:
                 with torch.no_grad():
                     tensor = tensor.detach() + sum(owner.get_delta_weight(a) for a in owner.active_adapters)
         name = name.replace(".modules_to_save.default.", ".")
-        yield name, tensor.detach()
+        tensor = tensor.detach()
+        if hasattr(tensor, "full_tensor"):  # an FSDP2 shard: every rank gathers this one parameter, then pushes
+            tensor = tensor.full_tensor()
+        yield name, tensor
 
 
 def checkpoint_weights(path: str, *, tied_head: bool = False) -> Iterator[tuple[str, torch.Tensor]]:

@@ -298,3 +298,45 @@ def test_image_options_reach_the_engine(wide_families, family, setting, kwargs):
         assert ro.prompt_lengths.tolist() == after and all(a < b for a, b in zip(after, before))
     finally:
         sampler.close()
+
+
+def test_two_ranks_with_vllm_rollouts_train_as_one_process(tmp_path, vllm_dir):
+    """torchrun + FSDP2 with one vLLM engine per rank: the weights are gathered one parameter at a time for the
+    push, and the run ends equal to a single process's (same keyed rollouts, summed gradients)."""
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    pair = (vllm_dir / "text_student", vllm_dir / "text_teacher")
+    cfg_args = lambda out: [  # noqa: E731
+        f"model.path={pair[0]}", f"teacher.path={pair[1]}", f"data.train={vllm_dir / 'text.jsonl'}",
+        "data.image_key=null", "rollout.backend=vllm", "rollout.sync_check_every=1", "rollout.n=4",
+        "rollout.max_new_tokens=12", "trainer.prompts_per_step=4", "trainer.micro_batch_size=4",
+        "trainer.total_steps=2", "trainer.device=cpu", f"trainer.output_dir={out}", "optim.lr=1e-3",
+        "logging.progress=false", "logging.tensorboard=false", "trainer.threads=1"]
+    from gndpo.config import load_config
+
+    train(load_config(None, cfg_args(tmp_path / "one")))
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"runs": [{"overrides": cfg_args(tmp_path / "two")}]}))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    worker = Path(__file__).resolve().parents[1] / "dist" / "worker.py"
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                             "--master-addr", "127.0.0.1", "--master-port", str(port), str(worker), str(spec)],
+                            capture_output=True, text=True, timeout=900, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    one = [json.loads(line) for line in open(tmp_path / "one" / "metrics.jsonl")]
+    two = [json.loads(line) for line in open(tmp_path / "two" / "metrics.jsonl")]
+    for a, b in zip(one, two):
+        assert math.isclose(a["grad_norm"], b["grad_norm"], rel_tol=1e-4) and b["rollout/sync_gap"] < 1e-5
+    a = load_file(str(tmp_path / "one" / "checkpoints" / "step-000002" / "model.safetensors"))
+    b = load_file(str(tmp_path / "two" / "checkpoints" / "step-000002" / "model.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5)

@@ -1,6 +1,7 @@
 """Sampler on the in-process Hugging Face student: gndpo's decode loop, or ``transformers.generate``."""
 from __future__ import annotations
 
+import contextlib
 from typing import Sequence
 
 import torch
@@ -33,10 +34,13 @@ class HFRollout:
     """
 
     def __init__(self, model, processor, *, suffix: str | None, system_prompt: str | None = None,
-                 micro_batch_size: int = 64, engine: str = "loop"):
+                 micro_batch_size: int = 64, engine: str = "loop", gather=None):
+        """``gather``: a zero-argument factory of a context in which the model holds its full weights (FSDP2:
+        :func:`gndpo.dist.gathered`); decoding runs inside it."""
         if engine not in ENGINES:
             raise ValueError(f"unknown rollout engine {engine!r}; choose one of {', '.join(ENGINES)}")
         self.model = model
+        self.gather = gather or contextlib.nullcontext
         self.engine = engine
         self.processor = processor
         self.suffix = suffix
@@ -80,26 +84,28 @@ class HFRollout:
         self.model.eval()
         chunks, plens, lps = [], [], []
         try:
-            for i in range(0, len(records), per_call):
-                batch = records[i:i + per_call]
-                if encoded is not None:
-                    inputs = collate_prompts(encoded[i:i + per_call], pad_id=self.pad_id, device=device)
-                else:
-                    inputs = encode_prompts(self.processor, batch, suffix=self.suffix,
-                                            system_prompt=self.system_prompt, device=device)
-                if self.engine == "loop" and supports_decode_loop(self.model, inputs):
-                    keys = None if sampling.seed is None else torch.tensor(
-                        [request_seed(sampling.seed, r.id, s) for r in batch for s in range(n)], dtype=torch.long)
-                    ids, lp = decode(self.model, inputs, sampling, eos_ids=self.eos_ids, pad_id=self.pad_id,
-                                     suppress=self.suppress, keys=keys)
-                    chunks.append(ids)  # (b*n, R_i)
-                    lps.append(lp)
-                else:
-                    P = inputs["input_ids"].shape[1]
-                    k = 1 if sampling.greedy else n  # generate() refuses greedy with n > 1: the n are equal
-                    out = self.model.generate(**inputs, generation_config=self._generation_config(sampling, k))
-                    chunks.append(out[:, P:].repeat_interleave(n // k, 0).cpu())  # (b*n, R_i)
-                plens.append(inputs["attention_mask"].sum(-1).repeat_interleave(n).cpu())
+            with self.gather():  # FSDP2: the full weights once for the whole rollout
+                for i in range(0, len(records), per_call):
+                    batch = records[i:i + per_call]
+                    if encoded is not None:
+                        inputs = collate_prompts(encoded[i:i + per_call], pad_id=self.pad_id, device=device)
+                    else:
+                        inputs = encode_prompts(self.processor, batch, suffix=self.suffix,
+                                                system_prompt=self.system_prompt, device=device)
+                    if self.engine == "loop" and supports_decode_loop(self.model, inputs):
+                        keys = None if sampling.seed is None else torch.tensor(
+                            [request_seed(sampling.seed, r.id, s) for r in batch for s in range(n)],
+                            dtype=torch.long)
+                        ids, lp = decode(self.model, inputs, sampling, eos_ids=self.eos_ids, pad_id=self.pad_id,
+                                         suppress=self.suppress, keys=keys)
+                        chunks.append(ids)  # (b*n, R_i)
+                        lps.append(lp)
+                    else:
+                        P = inputs["input_ids"].shape[1]
+                        k = 1 if sampling.greedy else n  # generate() refuses greedy with n > 1: the n are equal
+                        out = self.model.generate(**inputs, generation_config=self._generation_config(sampling, k))
+                        chunks.append(out[:, P:].repeat_interleave(n // k, 0).cpu())  # (b*n, R_i)
+                    plens.append(inputs["attention_mask"].sum(-1).repeat_interleave(n).cpu())
         finally:
             self.model.train(was_training)
         R = max(max(c.shape[1] for c in chunks), 1)

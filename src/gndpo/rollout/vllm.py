@@ -63,6 +63,7 @@ class VLLMRollout:
         # sample_logprobs: ask vLLM for the sampled tokens' log-probs (raw: temperature 1, full vocabulary)
         self.sample_logprobs = sample_logprobs
         self.llm, _ = engine.start_engine(path, options)
+        self.sleeps = options.sleep and torch.cuda.is_available()
         self.calls = 0
         self.stale = True  # pushed before the first rollout: the trainer's weights (resumed, LoRA) are the truth
         self.asleep = False
@@ -87,7 +88,7 @@ class VLLMRollout:
         return time.perf_counter() - start
 
     def _sleep(self) -> None:
-        if torch.cuda.is_available():  # level 2 drops the weights too: the next rollout pushes them anyway
+        if self.sleeps:  # level 2 drops the weights too: the next rollout pushes them anyway
             self.llm.sleep(level=2)
             self.asleep = True
             self.stale = True
