@@ -198,6 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", nargs="+", default=None, help="subset of gspo opd gndpo")
     p.add_argument("--quick", action="store_true", help="smoke version (CI): few steps, small eval")
     p.add_argument("--stress", action="store_true", help="also run the stress setting (OPD vs GNDPO at high temperature)")
+    p.add_argument("--jobs", type=int, default=None, metavar="N", help="worker processes for the runs and "
+                   "evaluations, one torch thread each (default: one per CPU core); 1 = in sequence, in this process")
     p.add_argument("--seed", type=int, default=0, help="bootstrap: task/model seed")
     p.set_defaults(func=_lab)
 

@@ -7,24 +7,36 @@
 5. ``results.md`` (Table-1 style accuracy + stability columns), ``results.json``, ``dynamics.png``
    (Figure-2 panels), and each run's metrics and final checkpoint under ``runs/``.
 
+Steps 2-4 are independent tasks (two evaluations, one task per (method, seed) run: train, then evaluate). With
+``jobs`` > 1 they run in that many spawned worker processes on one torch thread each; one thread is as fast as
+two for these tiny models, so N workers on N cores is the fastest use of the machine. A training is
+deterministic given its seed (the sampler draws from keyed per-sample seeds), so a run gives the same metrics
+and weights in a worker as in sequence; results are gathered by task name, never by completion order.
+
 A grad-norm *spike* is a step whose pre-clip gradient norm exceeds 3x the median of its own run.
 """
 from __future__ import annotations
 
 import json
 import logging
+import os
 import statistics
 import time
+import traceback
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Callable
 
+from gndpo.config import RunConfig
 from gndpo.errors import GndpoError
 
 log = logging.getLogger("gndpo")
 
 METHODS = ("gspo", "opd", "gndpo")
 SPIKE_FACTOR = 3.0
+
+Report = Callable[..., None]  # report(kind, *payload): "phase" name what | "step" name n | "end" name | "log" level msg
 
 
 @dataclass(frozen=True)
@@ -36,6 +48,15 @@ class LabPlan:
     methods: tuple[str, ...]
     stress: bool
     stress_overrides: tuple[str, ...] = ("rollout.temperature=1.6",)
+
+
+@dataclass(frozen=True)
+class LabTask:
+    """One unit of lab work: a training run then its greedy evaluation (``cfg`` set), or the evaluation of a
+    shipped checkpoint (``cfg`` None, ``name`` = "student" or "teacher")."""
+
+    name: str
+    cfg: RunConfig | None = None
 
 
 def plan_from_args(args) -> LabPlan:
@@ -50,6 +71,13 @@ def plan_from_args(args) -> LabPlan:
         raise GndpoError("--seeds and --steps must be >= 1")
     return LabPlan(seeds=seeds, steps=steps or 0, n_train=2000 if quick else 8000, n_test=64 if quick else 1000,
                    methods=methods, stress=bool(getattr(args, "stress", False)))
+
+
+def resolve_jobs(jobs: int | None, n_tasks: int) -> int:
+    """``jobs`` worker processes, or one per usable core; never more than there are tasks."""
+    if jobs is None:  # the cores this process may run on (taskset, cgroup cpusets), not the machine's
+        jobs = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(jobs, n_tasks))
 
 
 def assets_dir() -> Path:
@@ -73,40 +101,251 @@ def _mean_std(xs: list[float]) -> tuple[float, float]:
     return (statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0) if xs else (float("nan"), 0.0)
 
 
-def run_one(method: str, seed: int, plan: LabPlan, data_dir: Path, runs_dir: Path, extra: tuple[str, ...] = (),
-            tag: str = "") -> dict:
+# ---------------------------------------------------------------- tasks
+
+
+def run_config(method: str, seed: int, plan: LabPlan, data_dir: Path, runs_dir: Path, extra: tuple[str, ...] = (),
+               tag: str = "") -> RunConfig:
     from gndpo.config import load_config
+
+    name = f"{method}{tag}-seed{seed}"
+    overrides = [f"model.path={assets_dir() / 'student'}", f"teacher.path={assets_dir() / 'teacher'}",
+                 f"data.train={data_dir / 'train.jsonl'}", f"trainer.output_dir={runs_dir / name}",
+                 f"trainer.seed={seed}", f"logging.run_name={method}{tag}",
+                 "logging.progress=false",  # the lab draws one bar for all its runs
+                 *extra]
+    if plan.steps:
+        overrides.append(f"trainer.total_steps={plan.steps}")
+    return load_config(config_path(method), overrides)
+
+
+def lab_tasks(plan: LabPlan, data_dir: Path, runs_dir: Path) -> list[LabTask]:
+    """The runs in table order, then the evaluations of the shipped student and teacher."""
+    runs = [(m, s, (), "") for m in plan.methods for s in range(plan.seeds)]
+    if plan.stress:
+        runs += [(m, s, plan.stress_overrides, "-stress") for m in ("opd", "gndpo") for s in range(plan.seeds)]
+    tasks = [LabTask(f"{m}{tag}-seed{s}", run_config(m, s, plan, data_dir, runs_dir, extra, tag))
+             for m, s, extra, tag in runs]
+    return tasks + [LabTask("student"), LabTask("teacher")]
+
+
+def evaluate(model_dir: Path, data_dir: Path) -> float:
+    """Greedy accuracy on the lab's test split."""
+    from gndpo.data.loaders import load_records
     from gndpo.evaluate import greedy_accuracy
     from gndpo.lab.task import LAB_MAX_NEW_TOKENS, LAB_SUFFIX
     from gndpo.models import load_model
-    from gndpo.data.loaders import load_records
+
+    loaded = load_model(str(model_dir), what=model_dir.name, device="cpu")
+    test = load_records(str(data_dir / "test.jsonl"), split="test")
+    return greedy_accuracy(loaded.model, loaded.processor, test, suffix=LAB_SUFFIX, max_new_tokens=LAB_MAX_NEW_TOKENS,
+                           progress=False)["accuracy"]
+
+
+def run_one(task: LabTask, data_dir: Path, report: Report) -> dict:
+    """Train ``task.cfg`` from scratch, then evaluate its final checkpoint."""
     from gndpo.report.loggers import read_metrics
     from gndpo.train import train
 
-    out = runs_dir / f"{method}{tag}-seed{seed}"
-    overrides = [f"model.path={assets_dir() / 'student'}", f"teacher.path={assets_dir() / 'teacher'}",
-                 f"data.train={data_dir / 'train.jsonl'}", f"trainer.output_dir={out}", f"trainer.seed={seed}",
-                 f"logging.run_name={method}{tag}", *extra]
-    if plan.steps:
-        overrides.append(f"trainer.total_steps={plan.steps}")
-    cfg = load_config(config_path(method), overrides)
+    cfg = task.cfg
+    out = Path(cfg.trainer.output_dir)
     if (out / "metrics.jsonl").exists():  # a re-run of the lab replaces its own earlier runs
         import shutil
 
         shutil.rmtree(out)
+    report("phase", task.name, "train")
     start = time.perf_counter()
-    train(cfg)
+    train(cfg, callbacks=[lambda record: report("step", task.name, record.step)])
     train_s = time.perf_counter() - start
-    final = sorted((out / "checkpoints").glob("step-*"))[-1]
-    loaded = load_model(str(final), what="trained student", device="cpu")
-    test = load_records(str(data_dir / "test.jsonl"), split="test")
-    acc = greedy_accuracy(loaded.model, loaded.processor, test, suffix=LAB_SUFFIX, max_new_tokens=LAB_MAX_NEW_TOKENS,
-                          progress=True)["accuracy"]
+    report("phase", task.name, "eval")
+    acc = evaluate(sorted((out / "checkpoints").glob("step-*"))[-1], data_dir)
     rows = read_metrics(out)
     gn = [r["grad_norm"] for r in rows]
     loss = [r["loss"] for r in rows]
-    return {"method": method + tag, "seed": seed, "accuracy": acc, "grad_norm_max": max(gn), "spikes": spikes(gn),
-            "loss_std": statistics.pstdev(loss) if len(loss) > 1 else 0.0, "train_seconds": train_s, "run_dir": str(out)}
+    return {"method": cfg.logging.run_name, "seed": cfg.trainer.seed, "accuracy": acc, "grad_norm_max": max(gn),
+            "spikes": spikes(gn), "loss_std": statistics.pstdev(loss) if len(loss) > 1 else 0.0,
+            "train_seconds": train_s, "run_dir": str(out)}
+
+
+def run_task(task: LabTask, data_dir: Path, report: Report) -> dict:
+    """The task's result, or ``{"error": one line, "traceback": text}``: failures travel back as data, since
+    an arbitrary exception may not survive pickling out of a worker."""
+    try:
+        if task.cfg is None:
+            report("phase", task.name, "eval")
+            return {"accuracy": evaluate(assets_dir() / task.name, data_dir)}
+        return run_one(task, data_dir, report)
+    except Exception as exc:  # noqa: BLE001 - every failure becomes the lab's one error line
+        first = next(iter(str(exc).strip().splitlines()), "")
+        if not isinstance(exc, GndpoError):  # a user mistake speaks for itself; anything else names its type
+            first = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+        return {"error": first, "traceback": traceback.format_exc()}
+    finally:
+        report("end", task.name)
+
+
+# ---------------------------------------------------------------- workers
+
+
+class _ForwardLogs(logging.Handler):
+    def __init__(self, queue):
+        super().__init__(logging.INFO)
+        self.queue = queue
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.queue.put(("log", record.levelno, record.getMessage()))
+
+
+_EVENTS = None  # a worker's end of the parent's event queue, set by _init_worker (a pool's only per-process state)
+
+
+def _init_worker(events) -> None:
+    # Before torch loads in this fresh process: OpenMP/MKL pools of one thread, so N workers on N cores do not
+    # oversubscribe them (two spinning threads on a core held by another process run 10-30x slower).
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group; the parent handles it
+    import torch
+    import transformers
+
+    torch.set_num_threads(1)
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    global _EVENTS
+    _EVENTS = events
+    logging.captureWarnings(True)  # library warnings too: the parent prints them above its bar, not across it
+    log.setLevel(logging.INFO)
+    for logger in (log, logging.getLogger("py.warnings")):
+        logger.propagate = False
+        logger.addHandler(_ForwardLogs(events))
+
+
+def _worker_report(*event) -> None:
+    import multiprocessing
+
+    if not multiprocessing.parent_process().is_alive():  # the lab was killed (SIGTERM, SIGKILL): no one to run for
+        os._exit(1)
+    _EVENTS.put(event)
+
+
+def _worker_task(task: LabTask, data_dir: Path) -> dict:
+    return run_task(task, data_dir, _worker_report)
+
+
+def _terminate(pool) -> None:
+    """Cancel queued tasks and stop running ones now."""
+    if hasattr(pool, "terminate_workers"):  # Python >= 3.14
+        pool.terminate_workers()
+        return
+    for process in list((pool._processes or {}).values()):  # no public handle to the workers before 3.14
+        process.terminate()
+    # The executor's own thread sees its workers die, reaps them and closes its queues (reaping them here as
+    # well would race it for each exit status).
+    pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _schedule_rank(task: LabTask) -> int:
+    """Lower starts first: longest first, so short tasks fill the tail instead of one long run finishing alone
+    (a run scored by a teacher takes about 1.7x a GSPO run here, an evaluation a fraction of either)."""
+    if task.cfg is None:
+        return 2
+    return 1 if task.cfg.algorithm.advantage == "grpo" else 0
+
+
+def _drain(events, display: "Progress") -> None:
+    while not events.empty():
+        display(*events.get())
+
+
+def run_parallel(tasks: list[LabTask], data_dir: Path, out_dir: Path, jobs: int,
+                 display: "Progress") -> dict[str, dict]:
+    """Every task's outcome by name, from ``jobs`` worker processes; the first failure stops them all."""
+    import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+    from concurrent.futures.process import BrokenProcessPool
+
+    ctx = multiprocessing.get_context("spawn")  # fork would copy this process's torch thread pools and locks
+    events = ctx.SimpleQueue()  # no feeder thread: a worker's events are in the pipe when its task returns
+    pool = ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_init_worker, initargs=(events,))
+    outcomes: dict[str, dict] = {}
+    try:
+        pending = {pool.submit(_worker_task, task, data_dir): task for task in sorted(tasks, key=_schedule_rank)}
+        while pending:
+            done, _ = wait(pending, timeout=0.25, return_when=FIRST_COMPLETED)
+            _drain(events, display)
+            for future in done:
+                task = pending.pop(future)
+                try:
+                    outcomes[task.name] = checked(task, future.result(), out_dir)
+                except BrokenProcessPool:
+                    raise GndpoError(f"a lab worker process died (killed, or out of memory?) while running "
+                                     f"{', '.join(display.doing) or task.name}; try fewer --jobs") from None
+                display.finished(task, outcomes[task.name])
+    except BaseException:  # a failed run, or Ctrl-C: no worker may outlive the lab
+        _terminate(pool)
+        raise
+    pool.shutdown()
+    return outcomes
+
+
+def run_sequential(tasks: list[LabTask], data_dir: Path, out_dir: Path, display: "Progress") -> dict[str, dict]:
+    import torch
+
+    torch.set_num_threads(1)  # as in a worker; the training configs set trainer.threads=1 as well
+    outcomes = {}
+    for task in tasks:
+        outcomes[task.name] = checked(task, run_task(task, data_dir, display), out_dir)
+        display.finished(task, outcomes[task.name])
+    return outcomes
+
+
+def checked(task: LabTask, outcome: dict, out_dir: Path) -> dict:
+    """``outcome``, or the one-line GndpoError naming the task, with the traceback kept in a file."""
+    if "error" not in outcome:
+        return outcome
+    trace = out_dir / f"{task.name}.traceback.txt"
+    trace.write_text(outcome["traceback"])
+    what = f"lab run {task.name}" if task.cfg is not None else f"lab evaluation of the shipped {task.name}"
+    raise GndpoError(f"{what} failed: {outcome['error']} (traceback in {trace})")
+
+
+class Progress:
+    """One bar over every run's training steps, fed by all tasks; its postfix says what each is doing."""
+
+    def __init__(self, tasks: list[LabTask]):
+        from tqdm.auto import tqdm
+
+        self.totals = {t.name: t.cfg.trainer.total_steps for t in tasks if t.cfg is not None}
+        self.bar = tqdm(total=sum(self.totals.values()), desc="lab", unit="step", dynamic_ncols=True)
+        self.doing: dict[str, str] = {}
+
+    def __call__(self, kind: str, *payload) -> None:
+        if kind == "log":
+            log.log(*payload)  # a worker's record, printed above the bar
+            return
+        name, *rest = payload
+        if kind == "end":
+            self.doing.pop(name, None)
+        elif kind == "phase":
+            self.doing[name] = rest[0]
+        elif kind == "step":
+            self.doing[name] = f"{rest[0]}/{self.totals[name]}"
+            self.bar.update(1)
+        self.bar.set_postfix_str(", ".join(f"{k} {v}" for k, v in self.doing.items()), refresh=True)
+
+    def finished(self, task: LabTask, outcome: dict) -> None:
+        if task.cfg is None:
+            log.info("%s greedy accuracy: %.1f%%", task.name, 100 * outcome["accuracy"])
+        else:
+            log.info("%s: greedy accuracy %.1f%% (trained in %.0f s)", task.name, 100 * outcome["accuracy"],
+                     outcome["train_seconds"])
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+# ---------------------------------------------------------------- report
 
 
 def summarize(base_acc: float, teacher_acc: float, runs: list[dict]) -> list[dict]:
@@ -123,12 +362,13 @@ def summarize(base_acc: float, teacher_acc: float, runs: list[dict]) -> list[dic
     return table
 
 
-def render_markdown(table: list[dict], plan: LabPlan, wall_s: float, n_test: int) -> str:
+def render_markdown(table: list[dict], plan: LabPlan, wall_s: float, n_test: int, jobs: int = 1) -> str:
     lines = [
         "# gndpo lab results", "",
         f"Greedy test accuracy on {n_test} held-out items of the synthetic task (mean ± std over {plan.seeds} "
         f"seed(s)); stability columns averaged over seeds. A grad-norm spike is a step whose pre-clip norm "
-        f"exceeds {SPIKE_FACTOR:g}x its run's median. Wall time {wall_s / 60:.1f} min.", "",
+        f"exceeds {SPIKE_FACTOR:g}x its run's median. Wall time {wall_s / 60:.1f} min "
+        f"({jobs} worker process{'es' if jobs > 1 else ''}).", "",
         "| method | accuracy (%) | Δ vs base | max grad-norm | grad-norm spikes | loss std |",
         "|---|---|---|---|---|---|",
     ]
@@ -151,49 +391,45 @@ def lab_main(args) -> int:
             argv += ["--out", args.out]
         return int(bootstrap_main(argv) or 0)
 
-    import torch
+    from tqdm.contrib.logging import logging_redirect_tqdm
 
-    from gndpo.data.loaders import load_records
-    from gndpo.evaluate import greedy_accuracy
-    from gndpo.lab.task import LAB_MAX_NEW_TOKENS, LAB_SUFFIX, write_task
-    from gndpo.models import load_model
+    from gndpo.lab.task import write_task
     from gndpo.report.plot import plot_run_dirs
 
     plan = plan_from_args(args)
+    jobs = getattr(args, "jobs", None)
+    if jobs is not None and jobs < 1:
+        raise GndpoError(f"--jobs must be >= 1 (got {jobs}); 1 runs every task in sequence in this process")
     if not (assets_dir() / "student" / "config.json").is_file():
         raise GndpoError(f"lab checkpoints missing in {assets_dir()}; run `gndpo lab bootstrap` to create them")
-    # Tiny models: one thread is as fast as two, and immune to OpenMP oversubscription on busy cores
-    # (two spinning threads on a core another process holds run 10-30x slower).
-    torch.set_num_threads(1)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    data_dir = out / "data"
+    data_dir, runs_dir = out / "data", out / "runs"
     write_task(data_dir, seed=0, n_train=plan.n_train, n_test=plan.n_test)
-    test = load_records(str(data_dir / "test.jsonl"), split="test")
+    tasks = lab_tasks(plan, data_dir, runs_dir)  # every config is validated before any model loads
+    jobs = resolve_jobs(jobs, len(tasks))
 
-    accs = {}
-    for who in ("student", "teacher"):
-        loaded = load_model(str(assets_dir() / who), what=who, device="cpu")
-        accs[who] = greedy_accuracy(loaded.model, loaded.processor, test, suffix=LAB_SUFFIX,
-                                    max_new_tokens=LAB_MAX_NEW_TOKENS, progress=True)["accuracy"]
-        log.info("%s greedy accuracy: %.1f%%", who, 100 * accs[who])
-
-    runs_dir = out / "runs"
-    runs = [run_one(m, s, plan, data_dir, runs_dir) for m in plan.methods for s in range(plan.seeds)]
-    stress_runs = []
-    if plan.stress:
-        stress_runs = [run_one(m, s, plan, data_dir, runs_dir, extra=plan.stress_overrides, tag="-stress")
-                       for m in ("opd", "gndpo") for s in range(plan.seeds)]
+    display = Progress(tasks)
+    try:
+        with logging_redirect_tqdm():
+            if jobs == 1:
+                outcomes = run_sequential(tasks, data_dir, out, display)
+            else:
+                outcomes = run_parallel(tasks, data_dir, out, jobs, display)
+    finally:
+        display.close()
+    runs = [outcomes[t.name] for t in tasks if t.cfg is not None]  # table order, whatever finished first
+    base, teacher = outcomes["student"]["accuracy"], outcomes["teacher"]["accuracy"]
     wall = time.perf_counter() - start
-    table = summarize(accs["student"], accs["teacher"], runs + stress_runs)
-    (out / "results.md").write_text(render_markdown(table, plan, wall, len(test)))
-    (out / "results.json").write_text(json.dumps({"base": accs["student"], "teacher": accs["teacher"],
-                                                  "runs": runs + stress_runs, "table": table,
-                                                  "wall_seconds": wall, "plan": plan.__dict__}, indent=2))
-    all_runs = runs + stress_runs
-    plot_run_dirs([r["run_dir"] for r in all_runs], out / "dynamics.png", labels=[r["method"] for r in all_runs],
+    table = summarize(base, teacher, runs)
+    (out / "results.md").write_text(render_markdown(table, plan, wall, plan.n_test, jobs))
+    (out / "results.json").write_text(json.dumps({"base": base, "teacher": teacher, "runs": runs, "table": table,
+                                                  "wall_seconds": wall, "jobs": jobs, "plan": plan.__dict__},
+                                                 indent=2))
+    plot_run_dirs([r["run_dir"] for r in runs], out / "dynamics.png", labels=[r["method"] for r in runs],
                   aggregate_seeds=plan.seeds > 1)
     print((out / "results.md").read_text())
-    print(f"wrote {out / 'results.md'}, {out / 'dynamics.png'} and runs in {runs_dir} ({wall / 60:.1f} min)")
+    print(f"wrote {out / 'results.md'}, {out / 'dynamics.png'} and runs in {runs_dir} ({wall / 60:.1f} min, "
+          f"{jobs} worker process{'es' if jobs > 1 else ''})")
     return 0
