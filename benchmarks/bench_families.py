@@ -26,6 +26,7 @@ import platform
 import statistics
 import time
 from unittest import mock
+from timing import interleaved, speedup  # benchmarks/timing.py
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -104,22 +105,6 @@ def make_records(family: str, count: int):
         text = f"How many shapes are in the picture, and what is {i + 3} plus {2 * i}? Answer in \\boxed{{}}."
         records.append(PromptRecord(id=f"p{i}", prompt=text, answer=str(3 * i + 3), images=images))
     return records
-
-
-def interleaved(variants: dict, repeats: int) -> dict[str, list[float]]:
-    """Seconds of each zero-argument callable per repeat, run A B A B ...; the callables are already warm."""
-    times = {k: [] for k in variants}
-    for r in range(repeats):
-        for k in (list(variants) if r % 2 == 0 else list(variants)[::-1]):  # who goes first alternates
-            t0 = time.perf_counter()
-            variants[k]()
-            times[k].append(time.perf_counter() - t0)
-    return times
-
-
-def speedup(fast: list[float], slow: list[float]) -> float:
-    """Median over repeats of slow / fast: the two ran back to back, under the same load."""
-    return statistics.median(s / f for f, s in zip(fast, slow))
 
 
 def speedup_cell(fast: list[float], slow: list[float], bold: bool = False) -> str:

@@ -43,6 +43,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from timing import interleaved, speedup as ratio  # benchmarks/timing.py
 
 ROOT = Path(__file__).resolve().parents[1]
 PAIRS = ("lab", "race", "race-qwen-vocab")
@@ -97,22 +98,6 @@ def widen_vocab(src: str, dst: Path, seed: int) -> str:
         AutoModelForCausalLM.from_config(config).save_pretrained(dst)
         AutoTokenizer.from_pretrained(src).save_pretrained(dst)
     return str(dst)
-
-
-def interleaved(variants: dict, repeats: int) -> dict[str, list[float]]:
-    """Seconds of each zero-argument callable per repeat, run A B A B ...; the callables are already warm."""
-    times = {k: [] for k in variants}
-    for r in range(repeats):
-        for k in (list(variants) if r % 2 == 0 else list(variants)[::-1]):
-            t0 = time.perf_counter()
-            variants[k]()
-            times[k].append(time.perf_counter() - t0)
-    return times
-
-
-def ratio(fast: list[float], slow: list[float]) -> float:
-    """Median over repeats of slow / fast (the two ran back to back, under the same load)."""
-    return statistics.median(s / f for f, s in zip(fast, slow))
 
 
 # ---------------------------------------------------------------- 1 + 2: rollout and teacher, one process
