@@ -82,7 +82,8 @@ def build_teacher(cfg: RunConfig, student_processor, *, suffix: str | None, reco
                            micro_batch_size=te.micro_batch_size)
     from gndpo.teacher.hf import HFTeacher
 
-    loaded = load_model(te.path, what="teacher", dtype=te.dtype, device=device, trust_remote_code=te.trust_remote_code)
+    loaded = load_model(te.path, what="teacher", dtype=te.dtype, device=device, trust_remote_code=te.trust_remote_code,
+                        allow_pickle=te.allow_pickle)
     configure_images(loaded.processor, **images)  # the teacher sees the images as the student does
     if te.check_compatibility:
         check_compatible(student_processor, loaded.processor)

@@ -15,6 +15,7 @@ Layout::
           sharded/                    the trainer's checkpoints (format 2): model + optimizer as a Distributed
                                       Checkpoint, every rank writing its shards; any number of ranks resumes
                                       from it (DCP reshards), and trainer_state.pt then holds no optimizer
+          MANIFEST.json               every other file's size and SHA-256, written before the marker
           COMPLETE                    written last: a directory without it is not a checkpoint
 
 A checkpoint is written into ``checkpoints/.tmp-step-000012-<pid>``, every file is fsynced, the
@@ -22,6 +23,12 @@ A checkpoint is written into ``checkpoints/.tmp-step-000012-<pid>``, every file 
 never leaves a partial checkpoint where :func:`latest_checkpoint` would find it. Re-saving an existing
 step renames the old one to ``.old-…`` first; deleting (``keep_last``) renames to ``.del-…`` first.
 Leftovers of interrupted saves are cleaned (or, for ``.old-…``, put back) on the next save or resume.
+
+A complete checkpoint can still be damaged later (a truncated copy, a bad disk). Resume checks the newest one
+against its manifest and, if a file is missing, has another size or another hash, sets it aside as
+``.broken-step-…`` (kept for inspection, never read again) with a warning naming the file, and falls back to the
+next newest intact checkpoint; with none intact it stops with one line. Checkpoints written before manifests
+existed are trusted as before.
 
 With ``dist`` (the trainer), every rank calls :func:`save_checkpoint` and :func:`load_checkpoint`: they write
 and read the sharded state together, and rank 0 alone writes the Hugging Face files (gathered from the shards),
@@ -33,7 +40,9 @@ own state dict (format 1, which the loader still reads).
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import random
 import re
@@ -54,6 +63,7 @@ from gndpo.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, is_adapter_checkpoint, l
 
 CHECKPOINTS_DIR = "checkpoints"
 COMPLETE_MARKER = "COMPLETE"
+MANIFEST = "MANIFEST.json"
 TRAINER_STATE = "trainer_state.pt"
 CHECKPOINT_CONFIG = "config.yaml"
 RUN_CONFIG = "run_config.yaml"
@@ -63,6 +73,7 @@ SHARDED_DIR = "sharded"
 
 # Config keys that may change between a run and its resumption; everything else must match.
 RESUME_MUTABLE_KEYS = ("trainer.total_steps", "trainer.resume", "trainer.output_dir", "trainer.dist_timeout",
+                       "trainer.max_bad_steps",
                        "logging.*", "checkpoint.*", "dist.*")
 
 _STEP_RE = re.compile(r"^step-(\d+)$")
@@ -189,9 +200,12 @@ def save_checkpoint(
         try:
             distributed.save_sharded(str(tmp / SHARDED_DIR), model, optimizer)
             full = distributed.full_state_dict(model) if dist.distributed else None
-        except BaseException:
+        except BaseException as exc:
             if main:
                 shutil.rmtree(tmp, ignore_errors=True)
+            os_error = _os_error(exc)  # DCP wraps a rank's failed write in its own exception
+            if os_error is not None:
+                raise _write_error(run_dir, final, os_error) from None
             raise
     if not main:
         dist.barrier()  # rank 0 finishes and renames
@@ -217,9 +231,12 @@ def save_checkpoint(
         if config is not None:
             (tmp / CHECKPOINT_CONFIG).write_text(_dump_yaml(config), encoding="utf-8")
         _fsync_tree(tmp)
+        _atomic_write_text(tmp / MANIFEST, json.dumps(_manifest(tmp), indent=1))
         _atomic_write_text(tmp / COMPLETE_MARKER, f"step {step}\nsaved {time.strftime('%Y-%m-%dT%H:%M:%S')}\n")
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if _os_error(exc) is not None:
+            raise _write_error(run_dir, final, _os_error(exc)) from None
         raise
 
     if final.exists():
@@ -238,6 +255,94 @@ def save_checkpoint(
     if dist is not None and sharded:
         dist.barrier()
     return final
+
+
+def _os_error(exc: BaseException) -> OSError | None:
+    """The OSError behind ``exc``: itself, a cause, or one of a DCP ``CheckpointException``'s rank failures."""
+    seen = set()
+    todo = [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError):
+            return e
+        todo += [e.__cause__, e.__context__]
+        failures = getattr(e, "failures", None)
+        if isinstance(failures, dict):
+            todo += [f for f in failures.values() if isinstance(f, BaseException)]
+    return None
+
+
+def _write_error(run_dir, final: Path, exc: OSError) -> GndpoError:
+    previous = latest_checkpoint(run_dir)
+    kept = (f"{previous.name} is intact and is the one --resume uses" if previous is not None
+            else "no earlier checkpoint exists")
+    return GndpoError(f"cannot write checkpoint {final.name} in {final.parent}: {exc.strerror or exc} "
+                      f"({type(exc).__name__}); {kept}; free space or fix permissions, then resume")
+
+
+# ---------------------------------------------------------------------------------------------- integrity
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _manifest(root: Path) -> dict:
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.name not in (MANIFEST, COMPLETE_MARKER))
+    return {"format": 1, "files": {p.relative_to(root).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)}
+                                   for p in files}}
+
+
+def verify_checkpoint(path: str | Path) -> str | None:
+    """None when the checkpoint is complete and every file matches its manifest; else what is wrong, briefly."""
+    path = Path(path)
+    if not _is_complete(path):
+        return f"no {COMPLETE_MARKER} marker"
+    if not (path / MANIFEST).is_file():
+        return None  # written before manifests existed
+    try:
+        files = json.loads((path / MANIFEST).read_text())["files"]
+    except (OSError, ValueError, KeyError) as exc:
+        return f"{MANIFEST} unreadable ({exc})"
+    for name, want in files.items():
+        f = path / name
+        if not f.is_file():
+            return f"{name} is missing"
+        size = f.stat().st_size
+        if size != want["size"]:
+            return f"{name} has {size:,} bytes, {want['size']:,} expected"
+        if _sha256(f) != want["sha256"]:
+            return f"{name} does not match its checksum"
+    return None
+
+
+def newest_intact_checkpoint(run_dir: str | Path, warn=None) -> Path | None:
+    """The newest checkpoint that passes :func:`verify_checkpoint`; damaged newer ones are set aside with a
+    warning. None when the run has no checkpoint; a one-line error when it has some but none is intact."""
+    warn = warn or logging.getLogger("gndpo").warning
+    found = list_checkpoints(run_dir)
+    damaged = []
+    for ckpt in reversed(found):
+        problem = verify_checkpoint(ckpt)
+        if problem is None:
+            if damaged:
+                warn(f"checkpoint {damaged[-1][0]} is damaged ({damaged[-1][1]}); resuming from {ckpt.name}"
+                     if len(damaged) == 1 else f"{len(damaged)} checkpoints are damaged (" +
+                     "; ".join(f"{n}: {w}" for n, w in damaged) + f"); resuming from {ckpt.name}")
+            return ckpt
+        damaged.append((ckpt.name, problem))
+        aside = ckpt.with_name(f".broken-{ckpt.name}-{int(time.time())}")
+        os.rename(ckpt, aside)
+    if damaged:
+        raise GndpoError(f"no intact checkpoint in {Path(run_dir) / CHECKPOINTS_DIR} (" +
+                         "; ".join(f"{n}: {w}" for n, w in damaged) + "; set aside as .broken-*); restore one "
+                         "or start over in another trainer.output_dir")
+    return None
 
 
 # ---------------------------------------------------------------------------------------------- find
@@ -429,12 +534,12 @@ def prepare_run_dir(run_dir: str | Path, *, config: Mapping, resume: bool) -> Pa
     if not holds_run:
         return None
     _tidy(run_dir / CHECKPOINTS_DIR)
-    return latest_checkpoint(run_dir)
+    return newest_intact_checkpoint(run_dir)
 
 
 # ---------------------------------------------------------------------------------------------- export
 # Files of a checkpoint that belong to the trainer, not to the model: never exported.
-_TRAINER_FILES = (TRAINER_STATE, CHECKPOINT_CONFIG, COMPLETE_MARKER, SHARDED_DIR)
+_TRAINER_FILES = (TRAINER_STATE, CHECKPOINT_CONFIG, COMPLETE_MARKER, MANIFEST, SHARDED_DIR)
 
 
 def _find_checkpoint(run_dir: Path, step: int | None) -> Path:
@@ -444,12 +549,13 @@ def _find_checkpoint(run_dir: Path, step: int | None) -> Path:
     if not found:
         raise GndpoError(f"{run_dir} holds no complete checkpoint; train with checkpoint.save_final=true or "
                          "checkpoint.every=N first")
-    if step is None:
-        return found[-1]
-    path = checkpoint_path(run_dir, step)
+    path = found[-1] if step is None else checkpoint_path(run_dir, step)
     if path not in found:
         steps = ", ".join(str(int(_STEP_RE.match(p.name).group(1))) for p in found)
         raise GndpoError(f"{run_dir} has no complete checkpoint of step {step}; available steps: {steps}")
+    problem = verify_checkpoint(path)
+    if problem is not None:
+        raise GndpoError(f"checkpoint {path} is damaged ({problem}); export another step (--step N)")
     return path
 
 

@@ -10,7 +10,7 @@ import os
 import sys
 from pathlib import Path
 
-from gndpo.errors import GndpoError
+from gndpo.errors import GndpoError, Interrupted
 
 _TRAIN_EPILOG = """\
 overrides are dotted key=value pairs applied after CONFIG, e.g.
@@ -18,6 +18,13 @@ overrides are dotted key=value pairs applied after CONFIG, e.g.
 
 config keys (defaults = the paper's Table 2):
 """
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with its misuse errors on one line (the usage block is one --help away)."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
 def _setup_logging() -> None:
@@ -241,7 +248,7 @@ def _lab(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from gndpo import __version__
 
-    parser = argparse.ArgumentParser(prog="gndpo", description="On-policy distillation with GNDPO (arXiv 2606.09091).")
+    parser = _Parser(prog="gndpo", description="On-policy distillation with GNDPO (arXiv 2606.09091).")
     parser.add_argument("--version", action="version", version=f"gndpo {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -404,6 +411,9 @@ def main(argv: list[str] | None = None) -> int:
     except GndpoError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except Interrupted as exc:
+        print(str(exc), file=sys.stderr)
+        return 128 + exc.signum
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -69,6 +69,7 @@ class ModelConfig:
     path: str = _f("", "Student: Hugging Face id or local directory (causal LM or image-text-to-text model).")
     dtype: str = _f("auto", "Weights dtype; auto = bfloat16 on GPU, float32 on CPU.", choices=DTYPES)
     trust_remote_code: bool = _f(False, "Allow custom modelling code from the model repository.")
+    allow_pickle: bool = _f(False, "Load pickled .bin/.pt weights (they can run code); default: safetensors only.")
     attn_implementation: Optional[str] = _f(None, "Attention kernel passed to from_pretrained (sdpa, eager, flash_attention_2).")
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward to save memory.")
     lora: LoraConfig = _f(None, "LoRA adapters (PEFT); off unless model.lora.rank > 0.", factory=LoraConfig)
@@ -82,6 +83,8 @@ class TeacherConfig:
                       "vLLM's OpenAI server for text-only teachers).", choices=("hf", "vllm", "server"))
     dtype: str = _f("auto", "Teacher weights dtype.", choices=DTYPES)
     trust_remote_code: bool = _f(False, "Allow custom modelling code from the teacher repository.")
+    allow_pickle: bool = _f(False, "Load pickled .bin/.pt teacher weights (they can run code); default: safetensors "
+                            "only.")
     micro_batch_size: int = _f(8, "Sequences per teacher forward pass (hf), per engine call (vllm) or per request "
                                "(server).")
     vllm: VLLMConfig = _f(None, "teacher.backend=vllm: the engine.", factory=VLLMConfig)
@@ -192,6 +195,8 @@ class TrainerConfig:
     resume: bool = _f(False, "Continue the run in output_dir from its newest complete checkpoint.")
     dist_timeout: float = _f(1800.0, "torchrun: seconds a collective waits for a missing rank before every rank "
                              "stops with an error (a rank that died, a hung node) instead of hanging.")
+    max_bad_steps: int = _f(3, "Stop after this many consecutive steps with non-finite log-probs, advantages, loss "
+                            "or gradients (such steps never update the weights); 0 = never stop.")
 
 
 @dataclass
@@ -221,6 +226,9 @@ class CheckpointConfig:
     every: int = _f(0, "Save every N steps (0 = only at the end).")
     keep_last: Optional[int] = _f(2, "Keep this many newest checkpoints; null = all.")
     save_final: bool = _f(True, "Save a checkpoint after the last step.")
+    on_signal: str = _f("save", "SIGTERM/SIGINT (pre-emption, Ctrl-C): finish the current step, then 'save' a "
+                        "checkpoint and stop, or just 'exit' (the step is lost; resume from the last checkpoint).",
+                        choices=("save", "exit"))
 
 
 @dataclass
@@ -275,6 +283,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             layers.append(OmegaConf.load(p))
         except Exception as exc:  # yaml errors carry multi-line context
             raise ConfigError(f"cannot parse {p}: {_one_line(exc)}") from None
+        if not OmegaConf.is_dict(layers[-1]):
+            raise ConfigError(f"{p} holds a YAML {type(OmegaConf.to_container(layers[-1])).__name__}, not a mapping "
+                              f"of sections (model:, trainer:, ...); see configs/ for examples")
     bad = [o for o in overrides if "=" not in o or o.startswith("=")]
     if bad:
         raise ConfigError(f"override {bad[0]!r} is not of the form key=value (e.g. optim.lr=1e-5)")
@@ -428,6 +439,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     _check(t.micro_batch_size >= 1, "trainer.micro_batch_size must be >= 1")
     _check(t.threads is None or t.threads >= 1, "trainer.threads must be >= 1 or null")
     _check(t.dist_timeout > 0, "trainer.dist_timeout must be > 0 seconds")
+    _check(t.max_bad_steps >= 0, f"trainer.max_bad_steps={t.max_bad_steps} must be >= 0 (0 = never stop)")
     _check(cfg.data.max_prompt_length >= 1, "data.max_prompt_length must be >= 1")
     _check(cfg.data.limit is None or cfg.data.limit >= 1, "data.limit must be >= 1 or null")
     for key in ("max_image_tiles", "min_pixels", "max_pixels"):

@@ -251,12 +251,20 @@ def load_sharded(path: str, model, optimizer) -> None:
     """Load a :func:`save_sharded` checkpoint into ``model`` and ``optimizer``, whatever the number of ranks
     that wrote it (DCP reshards); collective."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
     model_sd, optim_sd = get_state_dict(model, optimizer)
+    # The template holds optimizer state for every parameter (DCP initializes it), the checkpoint only for those
+    # that ever had a gradient (LLaVA's unused last vision layer norm has none): load what was saved, and leave
+    # the others without state, as they were in the run that saved it.
+    saved = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+    optim_sd["state"] = {fqn: stats for fqn, stats in optim_sd.get("state", {}).items()
+                         if all(f"optim.state.{fqn}.{k}" in saved for k in stats)}
     state = {"model": model_sd, "optim": optim_sd}
     dcp.load(state, checkpoint_id=path)
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    # strict=False only lets those parameters stay without optimizer state: dcp.load above was strict
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                   options=StateDictOptions(strict=False))
 
 
 def full_state_dict(model) -> dict:

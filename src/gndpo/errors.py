@@ -15,3 +15,15 @@ class DataError(GndpoError):
 
 class ModelError(GndpoError):
     """Model path missing, unsupported architecture, student/teacher incompatibility."""
+
+
+class TrainingError(GndpoError):
+    """The run cannot go on sensibly (e.g. step after step of non-finite values); checkpoints stay intact."""
+
+
+class Interrupted(Exception):
+    """SIGTERM/SIGINT stopped a run at a step boundary; ``signum`` gives the exit status 128 + signum."""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.signum = signum

@@ -64,15 +64,26 @@ def tokenizer_of(processor):
 
 
 def load_model(path: str, *, what: str = "model", dtype: str = "auto", device: torch.device | str = "cpu",
-               trust_remote_code: bool = False, attn_implementation: str | None = None) -> LoadedModel:
+               trust_remote_code: bool = False, attn_implementation: str | None = None,
+               allow_pickle: bool = False) -> LoadedModel:
     """Model + processor/tokenizer from a hub id or local directory, on ``device``.
 
-    Every failure (missing path, offline hub, unsupported architecture) becomes a one-line ModelError.
+    Weights load from safetensors only: pickled ``.bin``/``.pt`` weights can run code when unpickled, and are
+    refused unless ``allow_pickle``. Every failure (missing path, offline hub, unsupported architecture, pickled
+    weights) becomes a one-line ModelError.
     """
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
     device = torch.device(device)
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code, "dtype": resolve_dtype(dtype, device)}
+    local = Path(path).expanduser()
+    if not allow_pickle:
+        kwargs["use_safetensors"] = True
+        if local.is_dir() and not any(local.glob("*.safetensors")) and \
+                any(f.suffix in (".bin", ".pt", ".pth") for f in local.iterdir()):
+            raise ModelError(f"{what} {path} holds only pickled weights (.bin/.pt), which can run code when loaded; "
+                             f"convert them to safetensors, or set {'teacher' if what == 'teacher' else 'model'}"
+                             f".allow_pickle=true if you trust their source")
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     config = load_config(path, what=what, trust_remote_code=trust_remote_code)
@@ -95,6 +106,8 @@ def load_config(path: str, *, what: str = "model", trust_remote_code: bool = Fal
     try:
         return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as exc:
+        if Path(path).expanduser().is_dir():
+            raise ModelError(f"cannot read the {what} config in {path}: {_first_line(exc)}") from None
         raise ModelError(f"{what} path not found: {path} is not a local directory and could not be loaded from the "
                          f"Hugging Face hub ({_first_line(exc)})") from None
 

@@ -19,6 +19,8 @@ from __future__ import annotations
 import logging
 import math
 import random
+import signal
+import threading
 import time
 from dataclasses import dataclass, field, replace
 from typing import Callable, Sequence
@@ -35,7 +37,7 @@ from gndpo.data.loaders import load_records
 from gndpo.data.sampler import PromptSampler
 from gndpo.data.templates import PAPER_SUFFIX
 from gndpo.dist import LOCAL, DistContext, apply_fsdp, clip_grad_norm
-from gndpo.errors import ConfigError, DataError
+from gndpo.errors import ConfigError, DataError, Interrupted, TrainingError
 from gndpo.forward import (ResponseScorer, encode_each, micro_batch_inputs, pad_token_id, prompt_lengths,
                            repeat_for_samples, response_logprobs, rollout_logprobs)
 from gndpo.lora import apply_lora
@@ -240,7 +242,8 @@ def train(cfg: RunConfig, *, dist: DistContext = LOCAL,
 
     records = read_records(cfg)  # data errors surface before any model loads
     student = load_model(cfg.model.path, what="model", dtype=cfg.model.dtype, device=device,
-                         trust_remote_code=cfg.model.trust_remote_code, attn_implementation=cfg.model.attn_implementation)
+                         trust_remote_code=cfg.model.trust_remote_code, attn_implementation=cfg.model.attn_implementation,
+                         allow_pickle=cfg.model.allow_pickle)
     model, processor = student.model, student.processor
     images = dict(max_tiles=cfg.data.max_image_tiles, min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels)
     configure_images(processor, **images)
@@ -284,6 +287,8 @@ def train(cfg: RunConfig, *, dist: DistContext = LOCAL,
                disable=not (cfg.logging.progress and dist.is_main), dynamic_ncols=True)
     metrics: dict = {}
     share = t_cfg.prompts_per_step // dist.world_size
+    bad_run = 0  # consecutive steps with non-finite values
+    signals = SignalFlag()  # SIGTERM/SIGINT: finish the step, then stop (checkpoint.on_signal)
     try:
         for step in range(start_step, t_cfg.total_steps):
             timer = time.perf_counter()
@@ -310,10 +315,22 @@ def train(cfg: RunConfig, *, dist: DistContext = LOCAL,
             outcome = torch.tensor(reward_fn(rollouts.texts, [r.answer for r in repeat_for_samples(
                 rollouts.records, rollouts.prompt_index)]), dtype=torch.float32)  # (B,)
             t_reward = time.perf_counter()
-            advantages, adv_metrics = compute_step_advantages(cfg, rollouts, old_lp, teacher_lp, outcome, dist)
+            # a step with NaN/inf where it matters is skipped on every rank alike: nothing reaches the weights
+            bad = nonfinite_counts(rollouts.response_mask, old_lp, teacher_lp, None)
+            skip = dist.pool(maxima={"bad": float(any(bad.values()))})["bad"]
+            advantages, adv_metrics = torch.zeros(rollouts.response_mask.shape), {"reward_mean": math.nan}
+            if not skip:
+                advantages, adv_metrics = compute_step_advantages(cfg, rollouts, old_lp, teacher_lp, outcome, dist)
+                bad.update(nonfinite_counts(rollouts.response_mask, old_lp, teacher_lp, advantages))
+                skip = dist.pool(maxima={"bad": float(any(bad.values()))})["bad"]
             t_adv = time.perf_counter()
-            upd = update_policy(cfg, scorer, optimizer, scheduler, rollouts, encoded, old_lp, advantages,
-                                pad_id=pad_token_id(processor), dist=dist, generator=minibatch_gen)
+            if skip:
+                upd = {"loss": math.nan, "grad_norm": math.nan, "grad_norm_max": math.nan, "entropy": math.nan,
+                       "update_skipped": 1.0, "lr": scheduler.get_last_lr()[0]}  # nothing reaches the weights
+            else:
+                upd = update_policy(cfg, scorer, optimizer, scheduler, rollouts, encoded, old_lp, advantages,
+                                    pad_id=pad_token_id(processor), dist=dist, generator=minibatch_gen)
+            bad["bad/gradients"] = float(upd["update_skipped"] > 0 and not any(bad.values()))
             rollout.weights_changed()  # a vLLM engine takes the new weights before its next rollout
             t_update = time.perf_counter()
 
@@ -322,11 +339,15 @@ def train(cfg: RunConfig, *, dist: DistContext = LOCAL,
                        "skipped_prompts": float(skipped_prompts), "epoch": float(sampler.epoch),
                        "time/rollout": t_rollout - timer, "time/old_logprobs": t_old - t_rollout,
                        "time/teacher": t_teacher - t_old, "time/reward": t_reward - t_teacher,
-                       "time/advantages": t_adv - t_reward, "time/update": t_update - t_adv}
+                       "time/advantages": t_adv - t_reward, "time/update": t_update - t_adv, **bad,
+                       "bad_step": float(any(bad.values()))}
             for cb in callbacks:
                 cb(StepRecord(step + 1, rollouts, old_lp, teacher_lp, outcome, advantages, metrics))
             done = step + 1
-            if should_save(cfg, done):
+            bad = dist.pool(maxima={"bad": float(metrics["bad_step"])})["bad"] > 0  # the same verdict on every rank
+            bad_run = bad_run + 1 if bad else 0
+            stop = dist.pool(maxima={"stop": float(signals.received)})["stop"]  # every rank stops at the same step
+            if should_save(cfg, done) or (stop and cfg.checkpoint.on_signal == "save"):
                 ckpt.save_checkpoint(t_cfg.output_dir, done, model=saved, optimizer=optimizer, scheduler=scheduler,
                                      processor=processor, config=to_dict(cfg), keep_last=cfg.checkpoint.keep_last,
                                      state={"step": done, "sampler": sampler.state_dict(),
@@ -342,13 +363,60 @@ def train(cfg: RunConfig, *, dist: DistContext = LOCAL,
             bar.set_postfix(loss=f"{metrics['loss']:.4f}", gnorm=f"{metrics['grad_norm']:.3f}",
                             reward=f"{metrics['reward_mean']:.3f}", acc=f"{metrics['accuracy']:.3f}", refresh=False)
             bar.update(1)
+            if t_cfg.max_bad_steps and bad_run >= t_cfg.max_bad_steps:
+                raise TrainingError(f"{bad_run} consecutive steps (up to step {done}) had non-finite values "
+                                    f"({', '.join(k for k in BAD_KEYS if metrics.get(k))}); none updated the "
+                                    f"weights. Check the teacher and the data, lower optim.lr, or raise "
+                                    f"trainer.max_bad_steps")
+            if stop:
+                saved_note = (f"checkpoint step-{done:06d} written; resume with --resume"
+                              if cfg.checkpoint.on_signal == "save" else "no checkpoint written (checkpoint."
+                              "on_signal=exit); --resume continues from the last one")
+                raise Interrupted(int(stop), f"stopped by {signal.Signals(int(stop)).name} after step {done}: "
+                                             f"{saved_note}")
     finally:
+        signals.restore()
         bar.close()
         loggers.close()
         rollout.close()
         if teacher is not None:
             teacher.close()
     return metrics
+
+
+BAD_KEYS = ("bad/teacher_logprobs", "bad/student_logprobs", "bad/advantages", "bad/gradients")
+
+
+def nonfinite_counts(mask: torch.Tensor, old_lp, teacher_lp, advantages) -> dict[str, float]:
+    """Response tokens holding values no update may train on: NaN or +inf teacher log-probs (-inf is a token the
+    teacher rules out: the reward clamp bounds it), non-finite student log-probs, non-finite advantages."""
+    def count(x, bad):
+        return float(bad(x)[mask.to(x.device)].sum()) if x is not None else 0.0
+    return {"bad/teacher_logprobs": count(teacher_lp, lambda x: torch.isnan(x) | torch.isposinf(x)),
+            "bad/student_logprobs": count(old_lp, lambda x: ~torch.isfinite(x)),
+            "bad/advantages": count(advantages, lambda x: ~torch.isfinite(x))}
+
+
+class SignalFlag:
+    """SIGTERM and SIGINT set ``received`` (the signal number) instead of killing the run, which stops at the
+    end of the current step; a second SIGINT interrupts at once. Only in the main thread (signals reach no other)."""
+
+    def __init__(self):
+        self.received = 0
+        self._old = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._old[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.received and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = signum
+        log.warning("%s received: stopping after this step", signal.Signals(signum).name)
+
+    def restore(self) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
 
 
 def _dtype(name: str | None) -> torch.dtype | None:

@@ -136,7 +136,8 @@ def _read_json(path: Path, *, split: str, limit: int | None) -> _Table:
     try:
         text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"cannot read dataset file {path}: {e}") from e
+        hint = "; save it as UTF-8" if isinstance(e, UnicodeDecodeError) else ""
+        raise DataError(f"cannot read dataset file {path}: {e}{hint}") from e
     rows: list = []
     parsed_whole = False
     if path.suffix.lower() == ".json" or text.lstrip().startswith("["):

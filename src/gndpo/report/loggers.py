@@ -67,17 +67,29 @@ class JsonlLogger:
 
     def __init__(self, path: str | Path, resume_step: int | None = None):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        if resume_step is not None and self.path.exists():
-            kept = [r for r in _parse_lines(self.path) if not (isinstance(r.get("step"), int) and r["step"] > resume_step)]
-            _atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
-        self._file = open(self.path, "a", encoding="utf-8")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if resume_step is not None and self.path.exists():
+                kept = [r for r in _parse_lines(self.path)
+                        if not (isinstance(r.get("step"), int) and r["step"] > resume_step)]
+                _atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+            self._file = open(self.path, "a", encoding="utf-8")
+        except OSError as exc:
+            raise self._error(exc) from None
+
+    def _error(self, exc: OSError) -> GndpoError:
+        return GndpoError(f"cannot write the metrics file {self.path}: {exc.strerror or exc}; free space or fix "
+                          f"permissions, then resume (checkpoints already written are intact)")
 
     def log(self, metrics: Mapping[str, float], step: int) -> None:
         record: dict[str, Any] = {"step": int(step)}
         record.update((k, _scalar(v)) for k, v in metrics.items() if k != "step")
-        self._file.write(json.dumps(record, allow_nan=True) + "\n")
-        self._file.flush()
+        line = json.dumps(record, allow_nan=True) + "\n"
+        try:
+            self._file.write(line)
+            self._file.flush()
+        except OSError as exc:
+            raise self._error(exc) from None
 
     def close(self) -> None:
         if not self._file.closed:

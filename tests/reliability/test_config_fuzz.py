@@ -1,0 +1,39 @@
+"""Hypothesis-fuzzed overrides: whatever keys and values a user types, load_config either returns a valid config
+or raises ConfigError (one line) -- never another exception, never a traceback."""
+import dataclasses
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from gndpo.config import RunConfig, load_config
+from gndpo.errors import ConfigError
+
+
+def known_keys() -> list[str]:
+    keys = []
+    for section in dataclasses.fields(RunConfig):
+        for f in dataclasses.fields(section.type if isinstance(section.type, type) else
+                                    type(getattr(RunConfig(), section.name))):
+            keys.append(f"{section.name}.{f.name}")
+    return keys
+
+
+KEYS = known_keys()
+values = st.one_of(
+    st.integers(-10**12, 10**12).map(str), st.floats(allow_nan=True, allow_infinity=True).map(repr),
+    st.sampled_from(["", "null", "true", "False", "[1, 2]", "{a: 1}", "nan", "-inf", "1e400", "0x10", "~", "'",
+                     "\"", "${oops}", "${trainer.seed}", "a=b", "é✓数据", "\x00", " ", "[", "}"]),
+    st.text(max_size=12),
+)
+keys = st.one_of(st.sampled_from(KEYS), st.text(max_size=16),
+                 st.sampled_from(KEYS).map(lambda k: k + ".x"), st.sampled_from(["model", "trainer", ".", "a..b"]))
+overrides = st.lists(st.tuples(keys, values).map(lambda kv: f"{kv[0]}={kv[1]}"), max_size=4)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(overrides)
+def test_fuzzed_overrides_are_valid_or_one_line(items):
+    try:
+        load_config(None, items)
+    except ConfigError as exc:
+        assert "\n" not in str(exc), str(exc)
