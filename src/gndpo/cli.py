@@ -1,4 +1,4 @@
-"""``gndpo train | eval | lab | plot | export | serve-teacher``: the command line.
+"""``gndpo train | eval | lab | plot | inspect | export | serve-teacher``: the command line.
 
 User mistakes (bad config, missing data, incompatible models) print one ``error:`` line and exit 2.
 """
@@ -218,6 +218,15 @@ def _eval_suite(args: argparse.Namespace) -> int:
     return 0
 
 
+def _inspect(args: argparse.Namespace) -> int:
+    from gndpo.report.inspect import write_report
+
+    out = Path(args.out) if args.out else Path(args.runs[0]) / "inspect.html"
+    path = write_report(args.runs, out, labels=args.labels)
+    print(f"wrote {path} (open it in a browser; it needs no network)")
+    return 0
+
+
 def _export(args: argparse.Namespace) -> int:
     from gndpo.checkpoint import export_checkpoint
 
@@ -338,6 +347,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=int, default=32)
     g.add_argument("--device", default="auto")
     p.set_defaults(func=_eval)
+
+    p = sub.add_parser("inspect", help="one HTML page of a run's per-token outliers (r_t, A_t), runs side by side")
+    p.add_argument("runs", nargs="+", help="run directories (metrics.jsonl; rollouts/ when saved)")
+    p.add_argument("--out", help="output HTML file (default: RUN/inspect.html of the first run)")
+    p.add_argument("--labels", nargs="+", help="one name per run")
+    p.set_defaults(func=_inspect)
 
     p = sub.add_parser("lab", help="the offline lab: GSPO vs OPD vs GNDPO on a synthetic multimodal task")
     p.add_argument("action", nargs="?", default="run", choices=("run", "bootstrap"),

@@ -219,6 +219,12 @@ class LoggingConfig:
     wandb_project: str = _f("gndpo", "W&B project.")
     run_name: Optional[str] = _f(None, "Run name for W&B / plots; default: output_dir's name.")
     progress: bool = _f(True, "Show a progress bar.")
+    rollouts_every: int = _f(10, "Save rollout samples (tokens, log-probs, r_t, A_t) for `gndpo inspect` every N "
+                             "steps into RUN/rollouts/; 0 = never.")
+    outlier_grad_share: bool = _f(False, "Log outlier/top1pct_grad_share: the gradient norm from the 1 % of tokens "
+                                  "with the largest |A_t| over the whole update's (two extra backward passes).")
+    rollouts_per_step: int = _f(8, "Responses saved per such step, those holding the step's most extreme tokens "
+                                "first.")
 
 
 @dataclass
@@ -440,6 +446,8 @@ def validate(cfg: RunConfig) -> RunConfig:
     _check(t.threads is None or t.threads >= 1, "trainer.threads must be >= 1 or null")
     _check(t.dist_timeout > 0, "trainer.dist_timeout must be > 0 seconds")
     _check(t.max_bad_steps >= 0, f"trainer.max_bad_steps={t.max_bad_steps} must be >= 0 (0 = never stop)")
+    _check(cfg.logging.rollouts_every >= 0 and cfg.logging.rollouts_per_step >= 1,
+           "logging.rollouts_every must be >= 0 (0 = never) and logging.rollouts_per_step >= 1")
     _check(cfg.data.max_prompt_length >= 1, "data.max_prompt_length must be >= 1")
     _check(cfg.data.limit is None or cfg.data.limit >= 1, "data.limit must be >= 1 or null")
     for key in ("max_image_tiles", "min_pixels", "max_pixels"):

@@ -41,8 +41,9 @@ from gndpo.errors import ConfigError, DataError, Interrupted, TrainingError
 from gndpo.forward import (ResponseScorer, encode_each, micro_batch_inputs, pad_token_id, prompt_lengths,
                            repeat_for_samples, response_logprobs, rollout_logprobs)
 from gndpo.lora import apply_lora
-from gndpo.models import configure_images, load_model, resolve_device
+from gndpo.models import configure_images, load_model, resolve_device, tokenizer_of
 from gndpo.report.loggers import MultiLogger, build_loggers
+from gndpo.report.outliers import OutlierReport
 from gndpo.rewards import get_reward
 from gndpo.rollout.base import Rollouts, SamplingParams
 
@@ -96,6 +97,60 @@ def compute_step_advantages(cfg: RunConfig, rollouts: Rollouts, old_lp: torch.Te
                               clamp=a.reward_clamp, scope=a.scope, group_ids=rollouts.prompt_index, reduce=reduce)
 
 
+def backward_micro_batches(cfg: RunConfig, model, rollouts: Rollouts, encoded: Sequence[dict], seq: torch.Tensor,
+                           old_lp: torch.Tensor | None, advantages: torch.Tensor, totals: torch.Tensor, *,
+                           pad_id: int, with_entropy: bool) -> tuple[float, list, tuple[float, float]]:
+    """Forward and backward the policy loss of rows ``seq`` micro-batch by micro-batch, gradients accumulating
+    to the whole mini-batch's (``totals``: its token and sequence counts over all ranks). Returns the loss sum,
+    per micro-batch (token count, loss metrics), and (entropy sum, token count)."""
+    a, device = cfg.algorithm, next(model.parameters()).device
+    loss_sum, mb_metrics, ent_sum, ent_count = 0.0, [], 0.0, 0.0
+    for start in range(0, len(seq), cfg.trainer.micro_batch_size):
+        idx = seq[start:start + cfg.trainer.micro_batch_size]
+        part = rollouts.select(idx)
+        R = part.response_ids.shape[1]
+        inputs, rows = micro_batch_inputs(model, encoded, part.prompt_index, pad_id=pad_id, device=device)
+        lp, ent = response_logprobs(model, inputs, part.response_ids.to(device), part.response_mask.to(device),
+                                    prompt_index=rows, temperature=cfg.rollout.temperature, with_entropy=with_entropy)
+        old = lp.detach() if old_lp is None else old_lp[idx, :R].to(device)
+        loss, lm = compute_policy_loss(
+            a.policy_loss, old_logprobs=old, logprobs=lp, advantages=advantages[idx, :R].to(device),
+            response_mask=part.response_mask.to(device), clip_low=a.clip_low, clip_high=a.clip_high,
+            agg_mode=a.loss_agg_mode, total_tokens=float(totals[0]), total_seqs=float(totals[1]),
+            norm_length=cfg.rollout.max_new_tokens)
+        loss.backward()
+        loss_sum += float(loss.detach())
+        mb_metrics.append((float(part.response_mask.sum()), lm))
+        if ent is not None:
+            ent_sum += float((ent * part.response_mask.to(device)).sum())
+            ent_count += float(part.response_mask.sum())
+    return loss_sum, mb_metrics, (ent_sum, ent_count)
+
+
+def top_token_grad_share(cfg: RunConfig, model, rollouts: Rollouts, encoded: Sequence[dict], old_lp, advantages, *,
+                         pad_id: int, dist: DistContext, top_frac: float = 0.01) -> float:
+    """Opt-in diagnostic (``logging.outlier_grad_share``): the gradient norm of this step's loss restricted to the
+    1 % of tokens with the largest |A_t|, over the norm of the whole loss, at the pre-update weights. Two extra
+    backward passes; gradients are cleared after."""
+    mask = rollouts.response_mask.bool()
+    k = max(1, math.ceil(top_frac * int(mask.sum())))
+    top = torch.zeros_like(mask)
+    top.view(-1)[advantages.abs().masked_fill(~mask, -1.0).flatten().topk(k).indices] = True
+    params = [p for p in model.parameters() if p.requires_grad]
+    seq = torch.arange(rollouts.size)
+    totals = dist.all_reduce(torch.tensor([float(mask.sum()), float(rollouts.size)], dtype=torch.float64))
+    norms = []
+    for adv in (advantages, advantages * top):
+        for p in params:
+            p.grad = None
+        backward_micro_batches(cfg, model, rollouts, encoded, seq, old_lp, adv, totals, pad_id=pad_id,
+                               with_entropy=False)
+        norms.append(clip_grad_norm(params, math.inf, dist))
+    for p in params:
+        p.grad = None
+    return norms[1] / norms[0] if norms[0] > 0 else 0.0
+
+
 def update_policy(cfg: RunConfig, model, optimizer, scheduler, rollouts: Rollouts, encoded: Sequence[dict],
                   old_lp: torch.Tensor | None, advantages: torch.Tensor, *, pad_id: int, dist: DistContext,
                   generator: torch.Generator) -> dict:
@@ -104,8 +159,7 @@ def update_policy(cfg: RunConfig, model, optimizer, scheduler, rollouts: Rollout
     ``encoded``: the prompts of ``rollouts.records`` encoded once by :func:`encode_each`. ``old_lp`` None:
     the first forward's own log-probs, detached, serve as the old policy's (exact for a single update).
     """
-    a, t = cfg.algorithm, cfg.trainer
-    device = next(model.parameters()).device
+    a = cfg.algorithm
     params = [p for p in model.parameters() if p.requires_grad]
     n_groups = len(rollouts.records)
     groups_per_mini = n_groups // a.mini_batches
@@ -122,28 +176,9 @@ def update_policy(cfg: RunConfig, model, optimizer, scheduler, rollouts: Rollout
             # Whole-mini-batch denominators (all ranks), so the accumulated gradient is the full-batch one.
             totals = dist.all_reduce(torch.tensor([float(mask.sum()), float(len(seq))], dtype=torch.float64))
             optimizer.zero_grad(set_to_none=True)
-            loss_sum, mb_metrics = 0.0, []
-            for start in range(0, len(seq), t.micro_batch_size):
-                idx = seq[start:start + t.micro_batch_size]
-                part = rollouts.select(idx)
-                R = part.response_ids.shape[1]
-                inputs, rows = micro_batch_inputs(model, encoded, part.prompt_index, pad_id=pad_id, device=device)
-                lp, ent = response_logprobs(model, inputs, part.response_ids.to(device), part.response_mask.to(device),
-                                            prompt_index=rows, temperature=cfg.rollout.temperature,
-                                            with_entropy=epoch == 0)
-                old = lp.detach() if old_lp is None else old_lp[idx, :R].to(device)
-                loss, lm = compute_policy_loss(
-                    a.policy_loss, old_logprobs=old, logprobs=lp,
-                    advantages=advantages[idx, :R].to(device), response_mask=part.response_mask.to(device),
-                    clip_low=a.clip_low, clip_high=a.clip_high, agg_mode=a.loss_agg_mode,
-                    total_tokens=float(totals[0]), total_seqs=float(totals[1]),
-                    norm_length=cfg.rollout.max_new_tokens)
-                loss.backward()
-                loss_sum += float(loss.detach())
-                mb_metrics.append((float(part.response_mask.sum()), lm))
-                if ent is not None:
-                    ent_sum += float((ent * part.response_mask.to(device)).sum())
-                    ent_count += float(part.response_mask.sum())
+            loss_sum, mb_metrics, ent = backward_micro_batches(cfg, model, rollouts, encoded, seq, old_lp, advantages,
+                                                               totals, pad_id=pad_id, with_entropy=epoch == 0)
+            ent_sum, ent_count = ent_sum + ent[0], ent_count + ent[1]
             # the global norm over every rank's gradient shards (FSDP2), clipped in place
             grad_norm = clip_grad_norm(params, cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf, dist)
             if math.isfinite(grad_norm):
@@ -287,6 +322,9 @@ def train(cfg: RunConfig, *, dist: DistContext = LOCAL,
                disable=not (cfg.logging.progress and dist.is_main), dynamic_ncols=True)
     metrics: dict = {}
     share = t_cfg.prompts_per_step // dist.world_size
+    outliers = OutlierReport(t_cfg.output_dir, tokenizer_of(processor), every=cfg.logging.rollouts_every,
+                             per_step=cfg.logging.rollouts_per_step, clamp=a.reward_clamp if teacher else None,
+                             enabled=dist.is_main)  # per-token diagnostics: metrics + samples for gndpo inspect
     bad_run = 0  # consecutive steps with non-finite values
     signals = SignalFlag()  # SIGTERM/SIGINT: finish the step, then stop (checkpoint.on_signal)
     try:
@@ -328,6 +366,9 @@ def train(cfg: RunConfig, *, dist: DistContext = LOCAL,
                 upd = {"loss": math.nan, "grad_norm": math.nan, "grad_norm_max": math.nan, "entropy": math.nan,
                        "update_skipped": 1.0, "lr": scheduler.get_last_lr()[0]}  # nothing reaches the weights
             else:
+                if cfg.logging.outlier_grad_share:
+                    adv_metrics["outlier/top1pct_grad_share"] = top_token_grad_share(
+                        cfg, scorer, rollouts, encoded, old_lp, advantages, pad_id=pad_token_id(processor), dist=dist)
                 upd = update_policy(cfg, scorer, optimizer, scheduler, rollouts, encoded, old_lp, advantages,
                                     pad_id=pad_token_id(processor), dist=dist, generator=minibatch_gen)
             bad["bad/gradients"] = float(upd["update_skipped"] > 0 and not any(bad.values()))
@@ -341,7 +382,7 @@ def train(cfg: RunConfig, *, dist: DistContext = LOCAL,
                        "time/teacher": t_teacher - t_old, "time/reward": t_reward - t_teacher,
                        "time/advantages": t_adv - t_reward, "time/update": t_update - t_adv, **bad,
                        "bad_step": float(any(bad.values()))}
-            for cb in callbacks:
+            for cb in (outliers, *callbacks):
                 cb(StepRecord(step + 1, rollouts, old_lp, teacher_lp, outcome, advantages, metrics))
             done = step + 1
             bad = dist.pool(maxima={"bad": float(metrics["bad_step"])})["bad"] > 0  # the same verdict on every rank

@@ -4,7 +4,8 @@
 2. greedy test accuracy of the shipped base student and teacher;
 3. train the student with GSPO, OPD and GNDPO (``configs/lab/*.yaml`` through the normal trainer), per seed;
 4. greedy test accuracy of every trained student;
-5. ``results.md`` (Table-1 style accuracy + stability columns), ``results.json``, ``dynamics.png``
+5. ``results.md`` (Table-1 style accuracy + stability columns), ``results.json``, ``dynamics.png`` and, with
+   ``--stress``, ``inspect_stress.html`` (``gndpo inspect`` of the seed-0 stress runs)
    (Figure-2 panels), and each run's metrics and final checkpoint under ``runs/``.
 
 Steps 2-4 are independent tasks (two evaluations, one task per (method, seed) run: train, then evaluate). With
@@ -116,7 +117,9 @@ def run_config(method: str, seed: int, plan: LabPlan, data_dir: Path, runs_dir: 
                  *extra]
     if plan.steps:
         overrides.append(f"trainer.total_steps={plan.steps}")
-    return load_config(config_path(method), overrides)
+    cfg = load_config(config_path(method), overrides)
+    cfg.logging.rollouts_every = max(1, cfg.trainer.total_steps // 10)  # ten saved steps for gndpo inspect
+    return cfg
 
 
 def lab_tasks(plan: LabPlan, data_dir: Path, runs_dir: Path) -> list[LabTask]:
@@ -423,7 +426,17 @@ def lab_main(args) -> int:
     base, teacher = outcomes["student"]["accuracy"], outcomes["teacher"]["accuracy"]
     wall = time.perf_counter() - start
     table = summarize(base, teacher, runs)
-    (out / "results.md").write_text(render_markdown(table, plan, wall, plan.n_test, jobs))
+    results_md = render_markdown(table, plan, wall, plan.n_test, jobs)
+    stress = [r for r in runs if r["method"].endswith("-stress") and r["seed"] == 0]
+    if stress:  # the per-token view of OPD and GNDPO at high temperature, side by side
+        from gndpo.report.inspect import write_report
+
+        write_report([r["run_dir"] for r in stress], out / "inspect_stress.html",
+                     labels=[f"{r['method']} (seed 0)" for r in stress])
+        results_md += ("\nPer-token view of the stress runs (which tokens carry extreme log-ratios, and what GNDPO's "
+                       "normalization does to them): [inspect_stress.html](inspect_stress.html), written by "
+                       "`gndpo inspect`.\n")
+    (out / "results.md").write_text(results_md)
     (out / "results.json").write_text(json.dumps({"base": base, "teacher": teacher, "runs": runs, "table": table,
                                                   "wall_seconds": wall, "jobs": jobs, "plan": plan.__dict__},
                                                  indent=2))
