@@ -153,6 +153,10 @@ def run_suite(models: list[ModelSpec], benchmarks: list[Benchmark], *, out: Path
 
         def record(result: dict, *, label=m.label, results=results, todo=todo, t0=t0) -> None:
             key = next(b.key for b in todo if b.dataset == result["dataset"])
+            if result.get("started"):
+                log(f"{label}: {result['dataset']}: {result['n_items']} items, running "
+                    f"({time.perf_counter() - t0:.0f} s so far)")
+                return
             if "error" in result:
                 return
             results[key] = {k: v for k, v in result.items() if k != "dataset"}

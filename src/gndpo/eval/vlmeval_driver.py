@@ -125,6 +125,8 @@ def run_dataset(job: dict, spec: dict, model) -> dict:
     dataset = build_dataset(name)
     if dataset is None:
         raise RuntimeError(f"VLMEvalKit could not build {name} from {job['data_dir']}")
+    with open(job["result_file"], "a", encoding="utf-8") as f:  # gndpo shows what is running
+        f.write(json.dumps({"dataset": name, "started": True, "n_items": len(dataset.data)}) + "\n")
     infer_data_job(model, work_dir=work_dir, model_name=model_name, dataset=dataset, api_nproc=job["api_nproc"],
                    retry_failed=True)
     pred_file = get_pred_file_path(work_dir, model_name, name)
