@@ -13,7 +13,7 @@ import torch
 
 from gndpo.config import RunConfig
 from gndpo.forward import rollout_logprobs
-from gndpo.models import (check_compatible, configure_images, load_config, load_model, load_processor,
+from gndpo.models import (check_compatible, configure_images, context_limit, load_config, load_model, load_processor,
                           resolve_dtype)
 
 
@@ -108,7 +108,7 @@ def engine_options(cfg: RunConfig, v, processor, *, path: str, trust_remote_code
     name = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[
         resolve_dtype(dtype, torch.device(device))]
     config = load_config(path, trust_remote_code=trust_remote_code)
-    limit = getattr(getattr(config, "text_config", None) or config, "max_position_embeddings", None)
+    limit = context_limit(config)
     length = v.max_model_len or cfg.data.max_prompt_length + cfg.rollout.max_new_tokens + extra_tokens
     if limit and not v.max_model_len:
         length = min(length, limit)

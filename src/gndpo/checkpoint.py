@@ -235,8 +235,9 @@ def save_checkpoint(
         _atomic_write_text(tmp / COMPLETE_MARKER, f"step {step}\nsaved {time.strftime('%Y-%m-%dT%H:%M:%S')}\n")
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        if _os_error(exc) is not None:
-            raise _write_error(run_dir, final, _os_error(exc)) from None
+        os_error = _os_error(exc)
+        if os_error is not None:
+            raise _write_error(run_dir, final, os_error) from None
         raise
 
     if final.exists():

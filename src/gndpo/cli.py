@@ -172,10 +172,9 @@ def _eval_sampler(args, loaded, model_path: str, records, suffix, max_new: int):
 
     model = loaded.model.eval()
     dtype = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[model.dtype]
-    from gndpo.eval.server import model_context
-    from gndpo.vllm_engine import local_model_dir
+    from gndpo.models import context_limit
 
-    limit = model_context(str(local_model_dir(model_path)))  # prompt budget + new tokens, within the model's context
+    limit = context_limit(model.config)  # prompt budget + new tokens, within the model's context
     length = args.max_model_len or min(4096 + max_new, limit or 4096 + max_new)
     options = EngineOptions(dtype=dtype, max_model_len=length, seed=args.seed,
                             max_images=max((len(r.images) for r in records), default=0))

@@ -42,6 +42,11 @@ def _check_path(path: str, what: str) -> None:
         raise ModelError(f"{what} path not found: {path}; give an existing directory or a Hugging Face id like org/name")
 
 
+def context_limit(config) -> int | None:
+    """The model's context length in tokens (its text model's, for a VLM); None when its config does not say."""
+    return getattr(getattr(config, "text_config", None) or config, "max_position_embeddings", None)
+
+
 def is_vision_language(config) -> bool:
     from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 

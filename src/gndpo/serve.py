@@ -377,7 +377,7 @@ def _serve(model: str, sock: socket.socket, *, host: str, api_key: str | None, d
            server_config) -> None:
     from gndpo import __version__
     from gndpo import vllm_engine as engine
-    from gndpo.models import is_vision_language, load_config, load_processor, tokenizer_fingerprint
+    from gndpo.models import context_limit, is_vision_language, load_config, load_processor, tokenizer_fingerprint
 
     config = load_config(model, what="teacher")
     text = getattr(config, "text_config", None) or config
@@ -387,7 +387,7 @@ def _serve(model: str, sock: socket.socket, *, host: str, api_key: str | None, d
     if max_images and not vlm:
         raise ConfigError(f"{model} is a text model; --max-images applies to vision-language models")
     if max_model_len is None:
-        max_model_len = getattr(text, "max_position_embeddings", None) or 4096
+        max_model_len = context_limit(config) or 4096
     processor = load_processor(model, what="teacher", config=config)
     options = engine.EngineOptions(dtype=engine_dtype(dtype), max_model_len=max_model_len,
                                    gpu_memory_utilization=gpu_memory_utilization, max_images=max_images)

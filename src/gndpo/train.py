@@ -385,8 +385,8 @@ def train(cfg: RunConfig, *, dist: DistContext = LOCAL,
             for cb in (outliers, *callbacks):
                 cb(StepRecord(step + 1, rollouts, old_lp, teacher_lp, outcome, advantages, metrics))
             done = step + 1
-            bad = dist.pool(maxima={"bad": float(metrics["bad_step"])})["bad"] > 0  # the same verdict on every rank
-            bad_run = bad_run + 1 if bad else 0
+            # the same on every rank: a skipped step is skipped everywhere, and update_skipped follows the global norm
+            bad_run = bad_run + 1 if metrics["bad_step"] else 0
             stop = dist.pool(maxima={"stop": float(signals.received)})["stop"]  # every rank stops at the same step
             if should_save(cfg, done) or (stop and cfg.checkpoint.on_signal == "save"):
                 ckpt.save_checkpoint(t_cfg.output_dir, done, model=saved, optimizer=optimizer, scheduler=scheduler,
