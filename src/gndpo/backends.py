@@ -13,8 +13,8 @@ import torch
 
 from gndpo.config import RunConfig
 from gndpo.forward import rollout_logprobs
-from gndpo.models import (check_compatible, configure_images, context_limit, load_config, load_model, load_processor,
-                          resolve_dtype)
+from gndpo.models import (check_compatible, configure_images, context_limit, dtype_name, load_config, load_model,
+                          load_processor, resolve_dtype, student_dtypes)
 
 
 def build_rollout(cfg: RunConfig, model, processor, *, suffix: str | None, records: Sequence, device, scorer=None):
@@ -26,10 +26,13 @@ def build_rollout(cfg: RunConfig, model, processor, *, suffix: str | None, recor
         from gndpo.dist import fsdp_units, gathered
         from gndpo.rollout.hf import HFRollout
 
-        sharded = scorer is not None and bool(fsdp_units(scorer))
+        context = None
+        if scorer is not None and fsdp_units(scorer):  # gathered in the compute dtype by FSDP2's policy
+            context = lambda: gathered(scorer)  # noqa: E731
+        elif scorer is not None:
+            context = scorer.compute
         return HFRollout(model, processor, suffix=suffix, system_prompt=cfg.data.system_prompt,
-                         micro_batch_size=r.micro_batch_size, engine=r.engine,
-                         gather=(lambda: gathered(scorer)) if sharded else None)
+                         micro_batch_size=r.micro_batch_size, engine=r.engine, context=context)
     from gndpo.rollout.vllm import VLLMRollout
 
     def trainer_logprobs(rollouts):  # the sync check's reference: the trainer's model at temperature 1
@@ -43,8 +46,10 @@ def build_rollout(cfg: RunConfig, model, processor, *, suffix: str | None, recor
         finally:
             model.train(was_training)
 
+    # the engine runs in the student's compute dtype; pushes convert the (float32) masters to it
+    _, compute = student_dtypes(cfg.model.dtype, cfg.model.compute_dtype, device, lora=cfg.model.lora.rank > 0)
     options = engine_options(cfg, r.vllm, processor, path=cfg.model.path, trust_remote_code=cfg.model.trust_remote_code,
-                             dtype=cfg.model.dtype, device=device, records=records, extra_tokens=0)
+                             dtype=dtype_name(compute), device=device, records=records, extra_tokens=0)
     # vLLM's sleep mode works through one allocator per process: a sleeping sampler would free an in-process vLLM
     # teacher's memory too, so it stays awake beside one
     options = replace(options, sleep=r.vllm.sleep and cfg.teacher.backend != "vllm")

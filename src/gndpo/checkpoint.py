@@ -560,8 +560,43 @@ def _find_checkpoint(run_dir: Path, step: int | None) -> Path:
     return path
 
 
+EXPORT_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def _source_dtype(ckpt: Path) -> str | None:
+    """The dtype the student's own config.json named when the run started (recorded in the trainer state)."""
+    try:
+        state = torch.load(ckpt / TRAINER_STATE, map_location="cpu", weights_only=False).get("state") or {}
+    except Exception:
+        return None
+    return state.get("source_dtype")
+
+
+def _cast_weights(model_dir: Path, dtype: str) -> None:
+    """Rewrite every safetensors file of ``model_dir`` with its floating-point tensors in ``dtype``, and the
+    config's ``dtype`` with it (one file in memory at a time)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    target = getattr(torch, dtype)
+    for file in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            metadata = f.metadata()
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        tensors = {k: v.to(target) if v.is_floating_point() else v for k, v in tensors.items()}
+        file.unlink()  # a copy, not the checkpoint's file: replace it
+        save_file(tensors, str(file), metadata=metadata)
+    config_file = model_dir / "config.json"
+    if config_file.is_file():
+        config = json.loads(config_file.read_text())
+        for section in (config, *(v for v in config.values() if isinstance(v, dict) and "dtype" in v)):
+            section["dtype"] = dtype
+        config.pop("torch_dtype", None)
+        config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
 def export_checkpoint(run_dir: str | Path, *, step: int | None = None, out: str | Path | None = None,
-                      merge: bool = False) -> tuple[Path, str]:
+                      merge: bool = False, dtype: str = "auto") -> tuple[Path, str]:
     """Write a checkpoint of a run (default: the newest complete one) as a standalone Hugging Face directory
     with its processor, atomically; returns the directory and what it holds.
 
@@ -570,13 +605,22 @@ def export_checkpoint(run_dir: str | Path, *, step: int | None = None, out: str 
     ``merge``, the base model (``model.path`` in ``run_config.yaml``) with the adapters merged in, which loads
     with plain transformers. ``out`` defaults to ``RUN_DIR/export/step-N`` (``step-N-merged`` with ``merge``)
     and must not exist.
+
+    ``dtype``: the weights' dtype in the export. Checkpoints hold the trainer's float32 masters; ``auto`` writes
+    the dtype the model's own config.json named when the run started (InternVL3.5: bfloat16), rounding each
+    weight once. LoRA adapters (without ``merge``) stay as PEFT saved them.
     """
+    if dtype not in EXPORT_DTYPES:
+        raise GndpoError(f"--dtype {dtype!r} is not one of: {', '.join(EXPORT_DTYPES)}")
     run_dir = Path(run_dir)
     ckpt = _find_checkpoint(run_dir, step)
     out = Path(out) if out is not None else run_dir / "export" / f"{ckpt.name}{'-merged' if merge else ''}"
     if out.exists():
         raise GndpoError(f"export directory {out} already exists; pass another --out or remove it")
     adapters = is_adapter_checkpoint(ckpt)
+    if adapters and not merge and dtype != "auto":
+        raise GndpoError("--dtype applies to full models: LoRA adapters export as PEFT saved them (float32); add "
+                         "--merge for a full model in that dtype")
     base = None
     if adapters and merge:
         config_file = run_dir / RUN_CONFIG
@@ -599,7 +643,12 @@ def export_checkpoint(run_dir: str | Path, *, step: int | None = None, out: str 
             if entry.name not in skip:
                 (shutil.copytree if entry.is_dir() else shutil.copy2)(entry, tmp / entry.name)
         if base is not None:
-            merge_adapters(ckpt, tmp, base_path=base, trust_remote_code=bool(model_cfg.get("trust_remote_code")))
+            merge_adapters(ckpt, tmp, base_path=base, trust_remote_code=bool(model_cfg.get("trust_remote_code")),
+                           dtype=None if dtype == "auto" else dtype)
+        elif not adapters:
+            written = (dtype if dtype != "auto" else _source_dtype(ckpt)) or None
+            if written is not None and written != _saved_dtype(tmp):
+                _cast_weights(tmp, written)
         _fsync_tree(tmp)
         os.rename(tmp, out)
     except BaseException:
@@ -613,4 +662,13 @@ def export_checkpoint(run_dir: str | Path, *, step: int | None = None, out: str 
         what = f"the LoRA adapters of step {step_n} (PEFT layout; --merge writes a full model)"
     else:
         what = f"the full model of step {step_n}"
+    if not adapters or base is not None:
+        what += f" in {_saved_dtype(out)}"
     return out, what
+
+
+def _saved_dtype(model_dir: Path) -> str:
+    try:
+        return str(json.loads((model_dir / "config.json").read_text()).get("dtype") or "its saved dtype")
+    except (OSError, ValueError):
+        return "its saved dtype"

@@ -234,7 +234,7 @@ def _inspect(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from gndpo.checkpoint import export_checkpoint
 
-    out, what = export_checkpoint(args.run_dir, step=args.step, out=args.out, merge=args.merge)
+    out, what = export_checkpoint(args.run_dir, step=args.step, out=args.out, merge=args.merge, dtype=args.dtype)
     print(f"wrote {out}: {what}")
     return 0
 
@@ -382,6 +382,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                "or step-N-merged with --merge)")
     p.add_argument("--merge", action="store_true", help="merge LoRA adapters into the base model (a full "
                                                          "fine-tuning run's export is a full model either way)")
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                   help="weights dtype of a full-model export (checkpoints hold the trainer's float32 masters); "
+                        "auto = the dtype the student's own config.json named (InternVL3.5: bfloat16)")
     p.set_defaults(func=_export)
 
     p = sub.add_parser("serve-teacher", help="serve a teacher's log-probs over HTTP (vLLM engine) for "

@@ -27,6 +27,8 @@ def _f(default: Any, help: str, *, choices: tuple | None = None, factory=None):
 
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+# float16 compute would need loss scaling, which gndpo does not do: bfloat16 has float32's exponent range
+COMPUTE_DTYPES = ("auto", "float32", "bfloat16")
 
 
 # The language model's attention and MLP projections in every family gndpo tests (Qwen2/3, Llama, InternVL's
@@ -67,7 +69,15 @@ class VLLMConfig:
 @dataclass
 class ModelConfig:
     path: str = _f("", "Student: Hugging Face id or local directory (causal LM or image-text-to-text model).")
-    dtype: str = _f("auto", "Weights dtype; auto = bfloat16 on GPU, float32 on CPU.", choices=DTYPES)
+    dtype: str = _f("auto", "Dtype of the student's stored weights: the master copy the optimizer updates, its "
+                    "gradients and AdamW's state. auto = float32 (a LoRA run's frozen base: bfloat16 on GPU). "
+                    "bfloat16 here keeps no float32 master: at lr 1e-6 most AdamW steps round away (warned).",
+                    choices=DTYPES)
+    compute_dtype: str = _f("auto", "Dtype of the student's forward and backward passes (sampling with the hf "
+                            "backend, scoring, the update). bfloat16 over float32 weights is mixed precision: "
+                            "autocast in one process, FSDP2's MixedPrecisionPolicy under torchrun; weights, "
+                            "gradients and optimizer state stay float32. auto = bfloat16 on GPU, model.dtype on CPU. "
+                            "Also the dtype of a rollout.backend=vllm engine.", choices=COMPUTE_DTYPES)
     trust_remote_code: bool = _f(False, "Allow custom modelling code from the model repository.")
     allow_pickle: bool = _f(False, "Load pickled .bin/.pt weights (they can run code); default: safetensors only.")
     attn_implementation: Optional[str] = _f(None, "Attention kernel passed to from_pretrained (sdpa, eager, flash_attention_2).")
@@ -201,9 +211,6 @@ class TrainerConfig:
 
 @dataclass
 class DistConfig:
-    param_dtype: Optional[str] = _f(None, "torchrun: FSDP2 compute dtype of the gathered student weights (e.g. "
-                                    "bfloat16 over float32 stored weights); null = the stored dtype.",
-                                    choices=(None, "float32", "bfloat16", "float16"))
     reduce_dtype: str = _f("float32", "torchrun: dtype in which gradients are summed over ranks.",
                            choices=("float32", "bfloat16", "float16"))
     cpu_offload: bool = _f(False, "torchrun: keep the sharded student weights, gradients and optimizer state on the "
@@ -308,10 +315,17 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     return validate(cfg)
 
 
+# Keys of earlier versions: a stored run config or a user's YAML naming one gets told where it went.
+RENAMED = {"dist.param_dtype": "model.compute_dtype (bfloat16 over float32 weights is mixed precision, in one "
+                               "process and under torchrun alike)"}
+
+
 def _describe_omegaconf_error(exc) -> str:
     key = getattr(exc, "full_key", None) or ""
     name = type(exc).__name__
     if name in ("ConfigKeyError", "ConfigAttributeError"):
+        if key in RENAMED:
+            return f"config key '{key}' was replaced by {RENAMED[key]}"
         parent = key.rsplit(".", 1)[0] if "." in key else ""
         valid = _field_names(parent)
         hint = f"; valid keys{' under ' + parent if parent else ''}: {', '.join(valid)}" if valid else ""
@@ -397,6 +411,10 @@ def validate(cfg: RunConfig) -> RunConfig:
     _check(lora.rank == 0 or importlib.util.find_spec("peft") is not None,
            f"model.lora.rank={lora.rank} needs PEFT, which is not installed: pip install 'gndpo[lora]'")
 
+    m = cfg.model
+    _check(m.dtype in ("auto", "float32") or m.compute_dtype in ("auto", m.dtype),
+           f"model.compute_dtype={m.compute_dtype} over model.dtype={m.dtype} weights: mixed precision computes in a "
+           f"narrower dtype than the stored one; store float32 (model.dtype=float32) or compute in {m.dtype}")
     _check(cfg.model.path not in ("", "???"), "model.path is required: a Hugging Face id or a local model directory")
     _check(cfg.data.train not in ("", "???"), "data.train is required: a dataset file, directory or hub id")
     if a.advantage in DISTILLATION_ESTIMATORS:

@@ -7,6 +7,8 @@
 """
 from __future__ import annotations
 
+import contextlib
+
 import inspect
 from typing import Any, Sequence
 
@@ -190,15 +192,27 @@ class ResponseScorer(torch.nn.Module):
     gndpo's paths call the inner model and the LM head's weight directly (chunked log-probs, shared prefixes),
     which bypasses the HF model's own forward. Under FSDP2 this wrapper is the root that ``fully_shard`` wraps
     (:func:`gndpo.dist.apply_fsdp`): entering it gathers the parameters outside the per-layer units (embeddings,
-    final norm, LM head, projector) and its backward reduces their gradients. In one process it adds nothing.
+    final norm, LM head, projector) and its backward reduces their gradients.
+
+    ``autocast``: mixed precision in one process (float32 weights, ``model.compute_dtype=bfloat16``): every pass
+    through the scorer, and every sampling pass inside :meth:`compute`, runs under ``torch.autocast`` in that
+    dtype. Under FSDP2 it stays None: the MixedPrecisionPolicy gathers the weights in the compute dtype instead.
     """
 
-    def __init__(self, model):
+    def __init__(self, model, *, autocast: torch.dtype | None = None):
         super().__init__()
         self.model = model
+        self.autocast = autocast
+
+    def compute(self):
+        """The context every pass of the student runs in: autocast to the compute dtype, or nothing."""
+        if self.autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(next(self.model.parameters()).device.type, dtype=self.autocast)
 
     def forward(self, *args, **kwargs):
-        return _response_logprobs(self.model, *args, **kwargs)
+        with self.compute():
+            return _response_logprobs(self.model, *args, **kwargs)
 
 
 def hf_model(model):

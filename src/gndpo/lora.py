@@ -167,10 +167,10 @@ def load_adapter_state(wrapped, ckpt_dir: str | Path) -> None:
 
 
 def merge_adapters(ckpt_dir: str | Path, out_dir: str | Path, *, base_path: str,
-                   trust_remote_code: bool = False) -> None:
+                   trust_remote_code: bool = False, dtype: str | None = None) -> None:
     """Write the base model with a checkpoint's adapters merged in, as a plain ``save_pretrained`` model in
-    ``out_dir`` (loadable without PEFT). The merge runs in float32; the weights are saved in the dtype the base
-    model was saved in."""
+    ``out_dir`` (loadable without PEFT). The merge runs in float32; the weights are saved in ``dtype``, by
+    default the dtype the base model was saved in."""
     from transformers import AutoConfig
 
     from gndpo.models import load_model
@@ -187,6 +187,8 @@ def merge_adapters(ckpt_dir: str | Path, out_dir: str | Path, *, base_path: str,
             merged = peft.PeftModel.from_pretrained(base, str(ckpt_dir)).merge_and_unload()
     except Exception as exc:
         raise GndpoError(f"cannot merge the adapters of {ckpt_dir} into {base_path}: {_first_line(exc)}") from None
+    if dtype is not None:
+        saved_dtype = getattr(torch, dtype)
     if isinstance(saved_dtype, torch.dtype) and saved_dtype != torch.float32:
         merged.to(saved_dtype)
     merged.save_pretrained(out_dir)

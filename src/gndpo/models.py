@@ -32,6 +32,31 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return _DTYPES[name]
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    return {v: k for k, v in _DTYPES.items()}[dtype]
+
+
+def student_dtypes(dtype: str, compute_dtype: str, device: torch.device, *, lora: bool = False
+                   ) -> tuple[torch.dtype, torch.dtype]:
+    """The student's (stored, compute) dtypes from ``model.dtype`` and ``model.compute_dtype``.
+
+    Stored ``auto`` is float32: the optimizer updates float32 masters (an AdamW step of ~lr rounds away on a
+    bfloat16 weight, whose half-ulp is ~4e-4 of its size), as verl's FSDP actor and torchtitan keep them. A LoRA
+    run's frozen base needs no master, so it stays in bfloat16 on GPUs (PEFT keeps the adapters in float32).
+    Compute ``auto`` is bfloat16 over float32 weights on GPUs (mixed precision), the stored dtype otherwise.
+    """
+    device = torch.device(device)
+    if dtype == "auto":
+        stored = torch.bfloat16 if lora and device.type == "cuda" else torch.float32
+    else:
+        stored = _DTYPES[dtype]
+    if compute_dtype == "auto":
+        compute = torch.bfloat16 if device.type == "cuda" and stored == torch.float32 else stored
+    else:
+        compute = _DTYPES[compute_dtype]
+    return stored, compute
+
+
 def _check_path(path: str, what: str) -> None:
     p = Path(path).expanduser()
     if p.exists():
@@ -58,6 +83,7 @@ class LoadedModel:
     model: Any
     processor: Any  # a ProcessorMixin for VLMs, a tokenizer for text models
     is_vlm: bool
+    source_dtype: str | None = None  # the dtype its config.json names (what `gndpo export` writes by default)
 
     @property
     def tokenizer(self):
@@ -100,7 +126,15 @@ def load_model(path: str, *, what: str = "model", dtype: str = "auto", device: t
         raise ModelError(f"cannot load {what} from {path}: {_first_line(exc)}") from None
     processor = load_processor(path, what=what, trust_remote_code=trust_remote_code, config=config)
     model.to(device)
-    return LoadedModel(model=model, processor=processor, is_vlm=vlm)
+    return LoadedModel(model=model, processor=processor, is_vlm=vlm, source_dtype=config_dtype(config))
+
+
+def config_dtype(config) -> str | None:
+    """The weights dtype a model's config names (``dtype``, formerly ``torch_dtype``), as a name; None if none."""
+    value = getattr(config, "dtype", None) or getattr(getattr(config, "text_config", None), "dtype", None)
+    if isinstance(value, torch.dtype):
+        value = {v: k for k, v in _DTYPES.items()}.get(value)
+    return value if value in _DTYPES else None
 
 
 def load_config(path: str, *, what: str = "model", trust_remote_code: bool = False):

@@ -41,7 +41,7 @@ from gndpo.errors import ConfigError, DataError, Interrupted, TrainingError
 from gndpo.forward import (ResponseScorer, encode_each, micro_batch_inputs, pad_token_id, prompt_lengths,
                            repeat_for_samples, response_logprobs, rollout_logprobs)
 from gndpo.lora import apply_lora
-from gndpo.models import configure_images, load_model, resolve_device, tokenizer_of
+from gndpo.models import configure_images, dtype_name, load_model, resolve_device, student_dtypes, tokenizer_of
 from gndpo.report.loggers import MultiLogger, build_loggers
 from gndpo.report.outliers import OutlierReport
 from gndpo.rewards import get_reward
@@ -276,7 +276,14 @@ def train(cfg: RunConfig, *, dist: DistContext = LOCAL,
     suffix = resolve_suffix(cfg.data.prompt_suffix)
 
     records = read_records(cfg)  # data errors surface before any model loads
-    student = load_model(cfg.model.path, what="model", dtype=cfg.model.dtype, device=device,
+    # float32 masters, bf16 compute on GPUs: autocast in one process, FSDP2's MixedPrecisionPolicy under torchrun
+    stored, compute = student_dtypes(cfg.model.dtype, cfg.model.compute_dtype, device, lora=cfg.model.lora.rank > 0)
+    mixed = compute if compute != stored else None
+    if stored != torch.float32 and cfg.model.lora.rank == 0:
+        log.warning("model.dtype=%s keeps no float32 master weights: AdamW steps below half a %s ulp (at lr %g, "
+                    "most of them) round away; use model.dtype=float32 model.compute_dtype=%s", dtype_name(stored),
+                    dtype_name(stored), cfg.optim.lr, dtype_name(stored))
+    student = load_model(cfg.model.path, what="model", dtype=dtype_name(stored), device=device,
                          trust_remote_code=cfg.model.trust_remote_code, attn_implementation=cfg.model.attn_implementation,
                          allow_pickle=cfg.model.allow_pickle)
     model, processor = student.model, student.processor
@@ -286,9 +293,9 @@ def train(cfg: RunConfig, *, dist: DistContext = LOCAL,
         (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
     adapters = apply_lora(model, cfg.model.lora)  # None unless model.lora.rank > 0; `model` stays the compute path
     saved = adapters if adapters is not None else model  # what checkpoints hold: the adapters, or the full model
-    scorer = ResponseScorer(model)  # every scoring pass enters here: FSDP2's root under torchrun
-    if dist.distributed:
-        apply_fsdp(scorer, model, param_dtype=_dtype(cfg.dist.param_dtype), reduce_dtype=_dtype(cfg.dist.reduce_dtype),
+    scorer = ResponseScorer(model, autocast=None if dist.distributed else mixed)  # every student pass enters here
+    if dist.distributed:  # the scorer is FSDP2's root
+        apply_fsdp(scorer, model, param_dtype=mixed, reduce_dtype=_dtype(cfg.dist.reduce_dtype),
                    cpu_offload=cfg.dist.cpu_offload)
     records, skipped_prompts = drop_long_prompts(cfg, records, processor, suffix)
     teacher = None
@@ -392,7 +399,8 @@ def train(cfg: RunConfig, *, dist: DistContext = LOCAL,
                 ckpt.save_checkpoint(t_cfg.output_dir, done, model=saved, optimizer=optimizer, scheduler=scheduler,
                                      processor=processor, config=to_dict(cfg), keep_last=cfg.checkpoint.keep_last,
                                      state={"step": done, "sampler": sampler.state_dict(),
-                                            "minibatch_generator": minibatch_gen.get_state()}, dist=dist)
+                                            "minibatch_generator": minibatch_gen.get_state(),
+                                            "source_dtype": student.source_dtype}, dist=dist)
             t_end = time.perf_counter()
             metrics["time/checkpoint"] = t_end - t_update
             metrics["time/step"] = t_end - timer

@@ -207,10 +207,12 @@ def push_weights(llm, named_tensors: Iterable[tuple[str, torch.Tensor]], *, mode
     return count
 
 
-def live_weights(model) -> Iterator[tuple[str, torch.Tensor]]:
-    """The trainer model's tensors under transformers' names, detached. LoRA layers (PEFT, injected in place)
-    yield their merged weight ``W + scale * B A`` under the base layer's name; modules trained in full under
-    ``modules_to_save`` yield the trained copy under the original name."""
+def live_weights(model, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """The trainer model's tensors under transformers' names, detached, floating-point ones cast to ``dtype``
+    (the engine's: float32 masters reach a bfloat16 engine rounded once, as vLLM's own loader would round them).
+    LoRA layers (PEFT, injected in place) yield their merged weight ``W + scale * B A`` (computed in the stored
+    dtype) under the base layer's name; modules trained in full under ``modules_to_save`` yield the trained copy
+    under the original name."""
     state = model.state_dict(keep_vars=True)
     for name, tensor in state.items():
         if ".lora_" in name or ".original_module." in name:
@@ -223,6 +225,8 @@ def live_weights(model) -> Iterator[tuple[str, torch.Tensor]]:
                     tensor = tensor.detach() + sum(owner.get_delta_weight(a) for a in owner.active_adapters)
         name = name.replace(".modules_to_save.default.", ".")
         tensor = tensor.detach()
+        if dtype is not None and tensor.is_floating_point():
+            tensor = tensor.to(dtype)  # before the gather: an FSDP2 shard then travels in the engine's dtype
         if hasattr(tensor, "full_tensor"):  # an FSDP2 shard: every rank gathers this one parameter, then pushes
             tensor = tensor.full_tensor()
         yield name, tensor

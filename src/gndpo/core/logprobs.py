@@ -168,7 +168,8 @@ class _HiddenLogprobs(torch.autograd.Function):
 
     Each chunk's logits are computed in the weight's dtype, exactly as the model's LM head would
     (so bf16 results match ``lm_head(h).float()``), then upcast for the softmax statistics.
-    Autocast is switched off inside so the matmul dtype does not depend on the caller's context.
+    Autocast is switched off inside so the matmul dtype is the weight's: :func:`hidden_logprobs` casts the
+    weight to the autocast dtype before it enters.
     """
 
     @staticmethod
@@ -250,12 +251,18 @@ def hidden_logprobs(
     hidden (N, H) or (B, L, H); weight (V, H); ids (N,) or (B, L). Returns (logprobs shaped like ids,
     differentiable w.r.t. hidden, weight and bias; entropy shaped like ids, detached, or None).
     Peak extra memory is a few ``[chunk_size, V]`` float32 buffers in forward and in backward, plus a
-    float32 ``[V, H]`` weight-gradient accumulator in backward.
+    float32 ``[V, H]`` weight-gradient accumulator in backward. Under ``torch.autocast`` a wider weight is cast
+    to the autocast dtype first (a copy of it), so the head computes in that dtype as a ``Linear`` would.
     """
     if hidden.shape[:-1] != ids.shape:
         raise ValueError(f"hidden {tuple(hidden.shape)} and ids {tuple(ids.shape)} disagree on the token dims")
     if weight.shape[1] != hidden.shape[-1]:
         raise ValueError(f"weight {tuple(weight.shape)} does not match hidden size {hidden.shape[-1]}")
+    device = hidden.device.type
+    if torch.is_autocast_enabled(device):  # mixed precision: the head computes in the autocast dtype, as a Linear
+        low = torch.get_autocast_dtype(device)
+        if weight.dtype.itemsize > low.itemsize:  # (the cast's backward returns the gradient in the weight's dtype)
+            weight, bias = weight.to(low), None if bias is None else bias.to(low)
     flat_h = hidden.reshape(-1, hidden.shape[-1])  # (N, H)
     flat_ids = ids.reshape(-1).long()  # (N,)
     lp, ent = _HiddenLogprobs.apply(flat_h, weight, bias, flat_ids, chunk_size, float(temperature), with_entropy)

@@ -34,13 +34,13 @@ class HFRollout:
     """
 
     def __init__(self, model, processor, *, suffix: str | None, system_prompt: str | None = None,
-                 micro_batch_size: int = 64, engine: str = "loop", gather=None):
-        """``gather``: a zero-argument factory of a context in which the model holds its full weights (FSDP2:
-        :func:`gndpo.dist.gathered`); decoding runs inside it."""
+                 micro_batch_size: int = 64, engine: str = "loop", context=None):
+        """``context``: a zero-argument factory of the context decoding runs in: the full weights gathered once
+        (FSDP2: :func:`gndpo.dist.gathered`), or autocast to the compute dtype (mixed precision in one process)."""
         if engine not in ENGINES:
             raise ValueError(f"unknown rollout engine {engine!r}; choose one of {', '.join(ENGINES)}")
         self.model = model
-        self.gather = gather or contextlib.nullcontext
+        self.context = context or contextlib.nullcontext
         self.engine = engine
         self.processor = processor
         self.suffix = suffix
@@ -84,7 +84,7 @@ class HFRollout:
         self.model.eval()
         chunks, plens, lps = [], [], []
         try:
-            with self.gather():  # FSDP2: the full weights once for the whole rollout
+            with self.context():  # FSDP2: the full weights once for the whole rollout; or autocast
                 for i in range(0, len(records), per_call):
                     batch = records[i:i + per_call]
                     if encoded is not None:

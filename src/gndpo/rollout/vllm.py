@@ -83,7 +83,8 @@ class VLLMRollout:
             self.llm.wake_up()
             self.asleep = False
         if self.stale:
-            engine.push_weights(self.llm, engine.live_weights(self.model), model_type=self.model_type)
+            engine.push_weights(self.llm, engine.live_weights(self.model, getattr(torch, self.dtype)),
+                                model_type=self.model_type)
             self.stale = False
         return time.perf_counter() - start
 
