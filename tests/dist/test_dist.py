@@ -58,12 +58,18 @@ def lab_pair():
 
 
 @pytest.fixture(scope="module")
-def two_ranks(family_dir, lab_pair, tmp_path_factory):
-    """One torchrun running every (kind, method) on 2 ranks, and the same runs in this process."""
+def lab_task(family_dir):
+    """The lab task's files beside the family models (``overrides`` of kind vlm read them)."""
     from gndpo.lab.task import write_task
 
     if not (family_dir / "lab").exists():
         write_task(family_dir / "lab", seed=0, n_train=16, n_test=4)
+    return family_dir / "lab"
+
+
+@pytest.fixture(scope="module")
+def two_ranks(family_dir, lab_pair, lab_task, tmp_path_factory):
+    """One torchrun running every (kind, method) on 2 ranks, and the same runs in this process."""
     root = tmp_path_factory.mktemp("dist")
     runs, refs = [], {}
     for kind in ("text", "vlm"):
@@ -173,3 +179,26 @@ def test_unreachable_rendezvous_is_one_line(tmp_path):
     assert result.returncode == 2 and time.monotonic() - start < 60
     err = result.stderr.strip().splitlines()
     assert err[-1].startswith("error: cannot join the process group at 127.0.0.1:") and "Traceback" not in result.stderr
+
+
+def test_fsdp2_mixed_precision_keeps_float32_masters_at_lr_1e6(family_dir, lab_pair, lab_task, tmp_path):
+    """Under torchrun, model.compute_dtype=bfloat16 over float32 weights is FSDP2's MixedPrecisionPolicy: the
+    shards (and the checkpoint) stay float32, and at the paper's lr 1e-6 the weights move as a float32 run's do."""
+    import sys as _sys
+
+    _sys.path.insert(0, str(HERE.parent))
+    from test_precision import movement
+
+    lr = ["optim.lr=1e-6"]
+    ref = tmp_path / "fp32"
+    train(load_config(None, overrides("vlm", family_dir, lab_pair, ref, method="gndpo", extra=lr)))
+    run = tmp_path / "mixed"
+    result = torchrun({"runs": [{"overrides": overrides("vlm", family_dir, lab_pair, run, method="gndpo",
+                                                        extra=[*lr, "model.compute_dtype=bfloat16"])}]}, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    base = load_file(str(lab_pair[0] / "model.safetensors"))
+    masters = load_file(str(run / "checkpoints" / "step-000003" / "model.safetensors"))
+    assert {w.dtype for w in masters.values()} == {torch.float32}
+    f_mixed, m_mixed = movement(masters, base)
+    f_ref, m_ref = movement(load_file(str(ref / "checkpoints" / "step-000003" / "model.safetensors")), base)
+    assert f_ref > 0.99 and f_ref / 2 <= f_mixed <= 2 * f_ref and m_ref / 2 <= m_mixed <= 2 * m_ref
