@@ -17,7 +17,8 @@ from gndpo.models import (check_compatible, configure_images, context_limit, dty
                           load_processor, resolve_dtype, student_dtypes)
 
 
-def build_rollout(cfg: RunConfig, model, processor, *, suffix: str | None, records: Sequence, device, scorer=None):
+def build_rollout(cfg: RunConfig, model, processor, *, suffix: str | None, records: Sequence, device, scorer=None,
+                  dist=None):
     """The student's sampler. ``records``: the training prompts (the vLLM engine sizes its image limit on them);
     ``scorer``: the ResponseScorer around ``model``, FSDP2's root when sharded (the HF sampler then decodes with
     the full weights gathered once per rollout, not once per token)."""
@@ -49,7 +50,8 @@ def build_rollout(cfg: RunConfig, model, processor, *, suffix: str | None, recor
     # the engine runs in the student's compute dtype; pushes convert the (float32) masters to it
     _, compute = student_dtypes(cfg.model.dtype, cfg.model.compute_dtype, device, lora=cfg.model.lora.rank > 0)
     options = engine_options(cfg, r.vllm, processor, path=cfg.model.path, trust_remote_code=cfg.model.trust_remote_code,
-                             dtype=dtype_name(compute), device=device, records=records, extra_tokens=0)
+                             dtype=dtype_name(compute), device=device, records=records, extra_tokens=0, dist=dist,
+                             section="rollout.vllm")
     # vLLM's sleep mode works through one allocator per process: a sleeping sampler would free an in-process vLLM
     # teacher's memory too, so it stays awake beside one
     options = replace(options, sleep=r.vllm.sleep and cfg.teacher.backend != "vllm")
@@ -82,7 +84,8 @@ def build_teacher(cfg: RunConfig, student_processor, *, suffix: str | None, reco
         if te.check_compatibility:
             check_compatible(student_processor, processor)
         options = engine_options(cfg, te.vllm, processor, path=te.path, trust_remote_code=te.trust_remote_code,
-                                 dtype=te.dtype, device=device, records=records, extra_tokens=1)
+                                 dtype=te.dtype, device=device, records=records, extra_tokens=1, dist=dist,
+                                 section="teacher.vllm")
         return VLLMTeacher(te.path, processor, options=options, suffix=suffix, system_prompt=cfg.data.system_prompt,
                            micro_batch_size=te.micro_batch_size)
     from gndpo.teacher.hf import HFTeacher
@@ -105,10 +108,20 @@ def build_teacher(cfg: RunConfig, student_processor, *, suffix: str | None, reco
 
 
 def engine_options(cfg: RunConfig, v, processor, *, path: str, trust_remote_code: bool, dtype: str, device,
-                   records: Sequence, extra_tokens: int):
+                   records: Sequence, extra_tokens: int, dist=None, section: str = "rollout.vllm"):
     """vLLM engine settings: the run's dtype and lengths (up to the model's own limit), the most images one
-    training prompt holds, and the image settings ``processor`` was configured with."""
+    training prompt holds, the image settings ``processor`` was configured with, and under torchrun one engine
+    per rank (``dist``)."""
+    from gndpo.errors import ConfigError
     from gndpo.vllm_engine import EngineOptions, image_settings
+
+    world = dist.world_size if dist is not None else 1
+    if world > 1 and v.tensor_parallel_size > 1:
+        # an engine spanning ranks would need every rank of its group to feed it the same prompts; gndpo's ranks
+        # each sample their own share
+        raise ConfigError(f"{section}.tensor_parallel_size={v.tensor_parallel_size} under torchrun: each rank runs "
+                          f"its own engine on its own GPU; set {section}.tensor_parallel_size=1 (a model too big "
+                          "for one GPU: serve it with gndpo serve-teacher, teacher.backend=server)")
 
     name = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[
         resolve_dtype(dtype, torch.device(device))]
@@ -120,6 +133,7 @@ def engine_options(cfg: RunConfig, v, processor, *, path: str, trust_remote_code
     return EngineOptions(dtype=name, max_model_len=length, gpu_memory_utilization=v.gpu_memory_utilization,
                          enforce_eager=v.enforce_eager, tensor_parallel_size=v.tensor_parallel_size,
                          seed=cfg.trainer.seed, max_images=max((len(r.images) for r in records), default=0),
+                         data_parallel=world,
                          processor_kwargs=image_settings(processor, max_tiles=cfg.data.max_image_tiles,
                                                          min_pixels=cfg.data.min_pixels,
                                                          max_pixels=cfg.data.max_pixels))

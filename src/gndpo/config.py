@@ -146,8 +146,10 @@ class RolloutConfig:
     min_new_tokens: int = _f(0, "Suppress EOS before this many tokens (throughput benchmarks: fixed-length work "
                              "with random weights). Off-policy by the suppressed EOS mass; 0 = off.")
     micro_batch_size: int = _f(64, "hf backend: sequences decoded together (prompts per call = this // n).")
-    sync_check_every: int = _f(10, "vllm backend: compare the engine's log-probs with the trainer's at the first "
-                               "step and every N steps; the run stops when they differ (stale or wrong weights).")
+    sync_check_every: int = _f(10, "vllm backend: compare the engine's weights (a fingerprint, exact, where the "
+                               "engine computes with its parameters: CUDA) and log-probs with the trainer's at the "
+                               "first step and every N steps; the run stops when they differ (stale or wrong "
+                               "weights).")
     sync_check_responses: int = _f(4, "vllm backend: responses the sync check scores on both sides.")
     sync_tolerance: Optional[float] = _f(None, "vllm backend: largest mean |log-prob difference| the sync check "
                                          "accepts; default by dtype: 1e-4 for float32, 2e-2 for bfloat16/float16.")

@@ -280,6 +280,29 @@ def full_state_dict(model) -> dict:
     return {k: v for k, v in full.items() if k not in tied}
 
 
+@contextlib.contextmanager
+def keeping_default_group() -> Iterator[None]:
+    """Inside this block, destroying torch's default process group is a no-op (other groups still go).
+
+    vLLM's ``EngineCore.shutdown`` ends with ``cleanup_dist_env_and_memory``, whose last step destroys the default
+    process group. Under torchrun, an engine on vLLM's external_launcher lives in the trainer's group, which the
+    trainer (and whatever runs after it in the process) still needs; vLLM's own groups are still torn down, so a
+    later engine builds them afresh."""
+    import torch.distributed as dist
+
+    real = dist.destroy_process_group
+
+    def destroy(group=None):
+        if group is not None:
+            real(group)
+
+    dist.destroy_process_group = destroy
+    try:
+        yield
+    finally:
+        dist.destroy_process_group = real
+
+
 def broadcast_object(obj: Any, ctx: DistContext) -> Any:
     if ctx.world_size == 1:
         return obj

@@ -301,7 +301,8 @@ def train(cfg: RunConfig, *, dist: DistContext = LOCAL,
     teacher = None
     if a.advantage in ("gndpo", "opd"):
         teacher = build_teacher(cfg, processor, suffix=suffix, records=records, device=device, images=images, dist=dist)
-    rollout = build_rollout(cfg, model, processor, suffix=suffix, records=records, device=device, scorer=scorer)
+    rollout = build_rollout(cfg, model, processor, suffix=suffix, records=records, device=device, scorer=scorer,
+                            dist=dist)
     reward_fn = get_reward(a.outcome_reward)
     sampling = SamplingParams(n=cfg.rollout.n, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
                               top_k=cfg.rollout.top_k, max_new_tokens=cfg.rollout.max_new_tokens,

@@ -77,6 +77,8 @@ class EngineOptions:
     # model's own processor, which must cut images into the same tiles and sizes as the trainer's
     processor_kwargs: tuple = ()
     sleep: bool = False  # CUDA: sleep mode (free weights and KV cache between uses); vLLM's allocator is per process
+    # torchrun world size: > 1 starts this rank's own engine in the trainer's process group (see start_engine)
+    data_parallel: int = 1
 
 
 def start_engine(path: str, options: EngineOptions, *, logprobs_mode: str = "raw_logprobs") -> tuple[Any, bool]:
@@ -90,6 +92,14 @@ def start_engine(path: str, options: EngineOptions, *, logprobs_mode: str = "raw
         gpu_memory_utilization=options.gpu_memory_utilization,
         # sleep mode frees the engine's GPU memory while the trainer scores and updates; CUDA only
         enable_sleep_mode=options.sleep and torch.cuda.is_available())
+    if options.data_parallel > 1:
+        # One engine per torchrun rank, in the trainer's process, on the rank's own device: vLLM's
+        # external_launcher executor takes the device from LOCAL_RANK and builds its groups inside the process
+        # group gndpo already initialized (no second rendezvous); each rank is one data-parallel engine running
+        # its own prompts, and the engines step in lockstep (an all-reduce per engine step), which they do since
+        # every rank calls generate at the same point of the loop (vllm/v1/executor/uniproc_executor.py,
+        # vllm/config/parallel.py, vllm/v1/engine/llm_engine.py in vLLM 0.32).
+        kwargs.update(distributed_executor_backend="external_launcher", data_parallel_size=options.data_parallel)
     if options.max_images:
         kwargs["limit_mm_per_prompt"] = {"image": options.max_images}
     if options.processor_kwargs:
@@ -207,14 +217,67 @@ def push_weights(llm, named_tensors: Iterable[tuple[str, torch.Tensor]], *, mode
     return count
 
 
-def live_weights(model, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+@dataclass
+class Fingerprint:
+    """Float64 sums (of w, |w|, w^2) over a set of tensors: what the trainer pushed, or what the engine holds.
+
+    An engine's parameters are the pushed tensors, fused (q/k/v, gate/up), padded with zero rows (vocabulary)
+    or repacked, minus tensors it never builds (LLaVA's unused last vision layer), so sums over them differ from
+    the pushed tensors' by a constant offset as long as every push reaches the engine. A push that did not
+    happen (a stale engine) or reached it in part moves the offset; a bfloat16 weight that moved by one ulp is
+    enough, where log-probs cannot tell it from bfloat16's rounding noise."""
+
+    total: float = 0.0
+    absolute: float = 0.0
+    squares: float = 0.0
+    count: int = 0  # elements
+
+    def add(self, tensor: torch.Tensor) -> None:
+        self.count += tensor.numel()
+        for part in tensor.detach().reshape(-1).split(1 << 24):  # float64 copies of at most 128 MiB
+            x = part.double()
+            self.total += float(x.sum())
+            self.absolute += float(x.abs().sum())
+            self.squares += float((x * x).sum())
+
+    def __sub__(self, other: "Fingerprint") -> "Fingerprint":
+        return Fingerprint(self.total - other.total, self.absolute - other.absolute, self.squares - other.squares,
+                           self.count - other.count)
+
+    def drift(self, other: "Fingerprint", scale: "Fingerprint") -> float:
+        """The largest of the three differences, each relative to ``scale``'s sum of |w| or of w^2."""
+        return max(abs(self.total - other.total) / max(scale.absolute, 1e-30),
+                   abs(self.absolute - other.absolute) / max(scale.absolute, 1e-30),
+                   abs(self.squares - other.squares) / max(scale.squares, 1e-30))
+
+
+def _worker_fingerprint(worker) -> tuple[float, float, float, int]:
+    fp = Fingerprint()
+    for param in worker.model_runner.get_model().parameters():
+        fp.add(param)
+    return fp.total, fp.absolute, fp.squares, fp.count
+
+
+def engine_fingerprint(llm) -> Fingerprint:
+    """The :class:`Fingerprint` of the engine's model parameters (its first worker's, computed where they live).
+
+    Meaningful where the engine computes with its parameters (vLLM on CUDA); its CPU kernels repack linear
+    weights and leave empty parameters behind (``dispatch_cpu_unquantized_gemm``), which ``count`` shows."""
+    return Fingerprint(*llm.collective_rpc(_worker_fingerprint)[0])
+
+
+def live_weights(model, dtype: torch.dtype | None = None, fingerprint: Fingerprint | None = None
+                 ) -> Iterator[tuple[str, torch.Tensor]]:
     """The trainer model's tensors under transformers' names, detached, floating-point ones cast to ``dtype``
     (the engine's: float32 masters reach a bfloat16 engine rounded once, as vLLM's own loader would round them).
     LoRA layers (PEFT, injected in place) yield their merged weight ``W + scale * B A`` (computed in the stored
     dtype) under the base layer's name; modules trained in full under ``modules_to_save`` yield the trained copy
-    under the original name."""
+    under the original name. ``fingerprint``: each parameter's tensor as yielded is added to it once (a tied
+    weight yielded under two names counts once; buffers do not count)."""
     state = model.state_dict(keep_vars=True)
-    for name, tensor in state.items():
+    params, counted = {id(p) for p in model.parameters()}, set()
+    for name, source in state.items():
+        tensor = source
         if ".lora_" in name or ".original_module." in name:
             continue
         if ".base_layer." in name:
@@ -229,6 +292,9 @@ def live_weights(model, dtype: torch.dtype | None = None) -> Iterator[tuple[str,
             tensor = tensor.to(dtype)  # before the gather: an FSDP2 shard then travels in the engine's dtype
         if hasattr(tensor, "full_tensor"):  # an FSDP2 shard: every rank gathers this one parameter, then pushes
             tensor = tensor.full_tensor()
+        if fingerprint is not None and id(source) in params and id(source) not in counted:
+            counted.add(id(source))
+            fingerprint.add(tensor)
         yield name, tensor
 
 
@@ -323,11 +389,35 @@ def score(llm, inputs: Sequence[dict], responses: Sequence[Sequence[int]]) -> li
     return result
 
 
+def sleep(llm) -> None:
+    """Free the engine's GPU memory (CUDA sleep mode, level 2: weights and KV cache discarded) while the trainer
+    works; :func:`wake` brings it back. Only engines started with ``EngineOptions.sleep``."""
+    llm.sleep(level=2)
+
+
+def wake(llm, push=None) -> None:
+    """Wake a sleeping engine: its weights' memory first, then ``push()`` (which must fill every weight: level 2
+    kept none), then the KV cache, so the weights and the cache are never both being allocated beside a
+    half-written push."""
+    llm.wake_up(tags=["weights"])
+    if push is not None:
+        push()
+    llm.wake_up(tags=["kv_cache"])
+
+
 def shutdown(llm) -> None:
     """Stop an engine now and free its memory (KV cache, weights) instead of waiting for garbage collection."""
     core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
     if core is not None and hasattr(core, "shutdown"):
-        core.shutdown()
+        config = getattr(llm.llm_engine, "vllm_config", None)
+        if getattr(getattr(config, "parallel_config", None), "distributed_executor_backend", None) == \
+                "external_launcher":
+            from gndpo.dist import keeping_default_group
+
+            with keeping_default_group():  # the trainer's process group outlives the engine
+                core.shutdown()
+        else:
+            core.shutdown()
 
 
 def _first_line(exc: Exception) -> str:

@@ -1,11 +1,11 @@
 """Run under torchrun by tests/dist/test_dist.py: the trainings of a JSON spec, in this process group.
 
 spec = {"runs": [{"overrides": [...], "advantages": "DIR" | null}], "hash_reward": bool,
-        "fail": {"rank": R, "step": S} | null, "cli": bool}
+        "fail": {"rank": R, "step": S} | null, "cli": bool, "engines": "DIR" | null}
 
 Each rank writes the advantages of every step to DIR/rank{r}-step{s}.pt (with the prompt ids they answer), so the
 test can compare them with a single process's. "fail" makes rank R raise a user error at step S, through the
-CLI, as any rank would.
+CLI, as any rank would. "engines" makes each rank write where its vLLM engines run to DIR/rank{r}.jsonl.
 """
 import json
 import zlib
@@ -42,6 +42,24 @@ def main(spec_path: str) -> int:
         dist = init_from_env(30.0)
         return cli_main(["train", *spec["runs"][0]["overrides"]])
     dist = init_from_env(60.0)
+    if spec.get("engines"):  # record how each rank's vLLM engines were placed
+        import gndpo.vllm_engine as engine
+
+        real_start = engine.start_engine
+
+        def start_engine(path, options, **kwargs):
+            llm, loaded = real_start(path, options, **kwargs)
+            config = llm.llm_engine.vllm_config
+            with open(f"{spec['engines']}/rank{dist.rank}.jsonl", "a") as f:
+                f.write(json.dumps({"rank": dist.rank, "path": str(path),
+                                    "backend": config.parallel_config.distributed_executor_backend,
+                                    "dp_rank": config.parallel_config.data_parallel_rank,
+                                    "dp_size": config.parallel_config.data_parallel_size,
+                                    "world_size": config.parallel_config.world_size,
+                                    "device": str(config.device_config.device)}) + "\n")
+            return llm, loaded
+
+        engine.start_engine = start_engine
     try:
         for run in spec["runs"]:
             out = run.get("advantages")

