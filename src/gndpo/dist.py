@@ -118,9 +118,13 @@ def init_from_env(timeout_s: float = 600.0) -> DistContext:
             dist.init_process_group(backend="nccl" if cuda else "gloo",
                                     timeout=datetime.timedelta(seconds=timeout_s))
         except Exception as exc:  # rendezvous failures carry multi-line context
-            first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
-            raise DistError(f"cannot join the process group at {os.environ.get('MASTER_ADDR', '?')}:"
-                            f"{os.environ.get('MASTER_PORT', '?')} ({first.strip()[:200]}); check the torchrun "
+            first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__).strip()
+            where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+            if "wait timeout" in first.lower() or "keys:" in first:  # the store answered, but a rank never came
+                raise DistError(f"not every rank joined the process group at {where} within trainer.dist_timeout="
+                                f"{timeout_s:g} s ({first[:160]}); check that every node started the same command "
+                                "and none is stuck before training") from None
+            raise DistError(f"cannot join the process group at {where} ({first[:200]}); check the torchrun "
                             "--rdzv-endpoint / --master-addr and that every node can reach it") from None
     return DistContext(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank)
 

@@ -202,3 +202,71 @@ def test_fsdp2_mixed_precision_keeps_float32_masters_at_lr_1e6(family_dir, lab_p
     f_mixed, m_mixed = movement(masters, base)
     f_ref, m_ref = movement(load_file(str(ref / "checkpoints" / "step-000003" / "model.safetensors")), base)
     assert f_ref > 0.99 and f_ref / 2 <= f_mixed <= 2 * f_ref and m_ref / 2 <= m_mixed <= 2 * m_ref
+
+
+def two_nodes(commands: list[list[str]], tmp_path: Path, *, timeout: float = 600) -> list[subprocess.CompletedProcess]:
+    """``commands[r]`` (what torchrun runs) on node r of 2, each its own torchrun launcher with one process,
+    meeting through the c10d rendezvous on 127.0.0.1: what docs/SCALING.md shows for two machines."""
+    port = free_port()
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(r),
+                               "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint",
+                               f"127.0.0.1:{port}", "--rdzv-id", f"gndpo-test-{port}", *command],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for r, command in enumerate(commands)]
+    out = []
+    for proc in procs:
+        try:
+            stdout, stderr = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            stdout, stderr = proc.communicate()
+        out.append(subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr))
+    return out
+
+
+def test_two_nodes_train_as_one_process_and_resume_on_one(two_ranks, family_dir, lab_pair, tmp_path):
+    """Two torchrun launchers (--nnodes 2, one process each, c10d rendezvous) train as one process does, write a
+    DCP checkpoint, and one node resumes it to the weights of an uninterrupted run."""
+    import shutil
+
+    root, _ = two_ranks
+    run = tmp_path / "nodes"
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"runs": [{"overrides": overrides("text", family_dir, lab_pair, run, method="gndpo")}]}))
+    results = two_nodes([[str(HERE / "worker.py"), str(spec)]] * 2, tmp_path)
+    assert all(r.returncode == 0 for r in results), results[0].stderr[-3000:] + results[1].stderr[-3000:]
+    one = load_file(str(root / "1-text-gndpo" / "checkpoints" / "step-000003" / "model.safetensors"))
+    got = load_file(str(run / "checkpoints" / "step-000003" / "model.safetensors"))
+    for k in one:
+        torch.testing.assert_close(got[k], one[k], rtol=0, atol=1e-5)
+    assert (run / "checkpoints" / "step-000003" / "sharded").is_dir()
+    full = tmp_path / "full"
+    train(load_config(None, overrides("text", family_dir, lab_pair, full, method="gndpo", steps=5)))
+    resumed = tmp_path / "resumed"
+    shutil.copytree(run, resumed)
+    train(load_config(None, overrides("text", family_dir, lab_pair, resumed, method="gndpo", steps=5,
+                                      extra=["trainer.resume=true"])))
+    expected = load_file(str(full / "checkpoints" / "step-000005" / "model.safetensors"))
+    got = load_file(str(resumed / "checkpoints" / "step-000005" / "model.safetensors"))
+    for k in expected:
+        torch.testing.assert_close(got[k], expected[k], rtol=0, atol=1e-5)
+
+
+def test_a_node_that_never_joins_fails_within_dist_timeout(family_dir, lab_pair, tmp_path):
+    """Both launchers meet, but node 1's process never joins the process group (stuck before training): node 0
+    stops after trainer.dist_timeout with one line. (A node whose launcher never starts at all is torchrun's
+    rendezvous to time out: --rdzv-conf join_timeout, docs/SCALING.md.)"""
+    stuck = tmp_path / "stuck.py"
+    stuck.write_text("import time\ntime.sleep(300)\n")
+    train_cmd = ["-m", "gndpo.cli", "train",
+                 *overrides("text", family_dir, lab_pair, tmp_path / "run", method="gndpo",
+                            extra=["trainer.dist_timeout=10"])]
+    start = time.monotonic()
+    node0, _ = two_nodes([train_cmd, [str(stuck)]], tmp_path, timeout=60)
+    elapsed = time.monotonic() - start
+    assert node0.returncode != 0 and elapsed < 60, (elapsed, node0.stderr[-2000:])
+    lines = [line for line in node0.stderr.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and lines[0].startswith("error: not every rank joined the process group at ") and \
+        "within trainer.dist_timeout=10 s" in lines[0], node0.stderr[-2000:]
+    assert "Traceback" not in node0.stderr.split("error: ")[0][-500:]
