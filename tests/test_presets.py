@@ -13,7 +13,9 @@ METHODS = ("gspo", "opd", "gndpo")
 
 # Shared by every run: value, source.
 COMMON = {
-    "model.dtype": ("bfloat16", "gndpo choice for GPUs (the official verl runs train in bf16 under FSDP)"),
+    "model.dtype": ("float32", "gndpo choice, as verl's FSDP actor: float32 master weights and AdamW state (at lr "
+                               "1e-6 an update rounds away on bf16 weights; tests/test_precision.py)"),
+    "model.compute_dtype": ("bfloat16", "gndpo choice, as verl's FSDP mixed precision: bf16 forward/backward"),
     "model.gradient_checkpointing": (True, "gndpo choice: 16k-token responses do not fit otherwise"),
     "data.train": ("hiyouga/geometry3k", "paper Sec. 4.1: trained on Geometry3K (hub copy used by the verl recipes)"),
     "data.format": ("geometry3k", "the adapter for that dataset's schema"),
@@ -26,8 +28,10 @@ COMMON = {
     "rollout.temperature": (1.0, "paper Table 2: rollout temperature 1.0"),
     "rollout.top_p": (1.0, "paper Table 2: sampling from the full distribution (no nucleus truncation)"),
     "rollout.max_new_tokens": (16384, "paper Table 2: max response length 16384"),
-    "rollout.micro_batch_size": (16, "gndpo choice: one prompt's samples decoded together; the resource plan "
-                                     "(gndpo train --dry-run) puts the 1B run within one 80 GB GPU"),
+    "rollout.backend": ("vllm", "gndpo choice: vLLM sampling, one engine per rank, asleep between rollouts (the "
+                                "official code samples with vLLM too)"),
+    "rollout.vllm.gpu_memory_utilization": (0.5, "gndpo choice: the engine's share of a GPU while it samples; with "
+                                                 "the other choices here every preset fits 8 x 80 GB by its plan"),
     "algorithm.reward_clamp": (5.0, "official core_algos: clamp(teacher_lp - student_lp, -5, 5)"),
     "algorithm.clip_low": (0.2, "official run scripts: clip_ratio_low 0.2"),
     "algorithm.clip_high": (0.2, "official run scripts: clip_ratio_high 0.2"),
@@ -41,7 +45,6 @@ COMMON = {
     "optim.grad_clip": (1.0, "paper Table 2: gradient clipping 1.0"),
     "trainer.total_steps": (65, "paper Table 2: 65 training steps"),
     "trainer.prompts_per_step": (32, "paper Table 2: 32 prompts per step"),
-    "trainer.micro_batch_size": (4, "gndpo choice: gradient accumulation; the update equals the full batch's"),
     "checkpoint.every": (5, "gndpo choice: a checkpoint every 5 of the 65 steps"),
     "model.lora.rank": (0, "paper: full-parameter training, no LoRA"),
 }
@@ -50,11 +53,13 @@ BY_METHOD = {
     "gndpo": {"algorithm.advantage": ("gndpo", "paper Eq. 4: z-score of the clamped log-ratio over the batch"),
               "algorithm.scope": ("batch", "paper Sec. 3.2: statistics pooled over every response token of the batch"),
               "teacher.path": ("OpenGVLab/InternVL3_5-8B-HF", "paper Sec. 4.1: InternVL3.5-8B teacher"),
-              "teacher.dtype": ("bfloat16", "gndpo choice (forward only, as the student)")},
+              "teacher.dtype": ("bfloat16", "gndpo choice (forward only, the dtype it was released in)"),
+              "teacher.micro_batch_size": (4, "gndpo choice: sequences per teacher forward (plan: teacher scoring)")},
     "opd": {"algorithm.advantage": ("opd", "paper Eq. 2: the clamped log-ratio itself"),
             "algorithm.scope": ("none", "paper Eq. 2: no normalization"),
             "teacher.path": ("OpenGVLab/InternVL3_5-8B-HF", "paper Sec. 4.1: InternVL3.5-8B teacher"),
-            "teacher.dtype": ("bfloat16", "gndpo choice (forward only, as the student)")},
+            "teacher.dtype": ("bfloat16", "gndpo choice (forward only, the dtype it was released in)"),
+            "teacher.micro_batch_size": (4, "gndpo choice: sequences per teacher forward (plan: teacher scoring)")},
     "gspo": {"algorithm.advantage": ("grpo", "paper Sec. 4.2: GSPO on 0/1 rewards normalized per prompt group"),
              "algorithm.outcome_reward": ("math", "paper Sec. 4.2: 1 if the \\boxed{} answer verifies, else 0"),
              "teacher.path": (None, "GSPO learns from outcome rewards; no teacher")},
@@ -66,6 +71,8 @@ def expected(size: str, method: str) -> dict:
            "model.path": (f"OpenGVLab/InternVL3_5-{size.upper()}-HF", f"paper Sec. 4.1: InternVL3.5-{size.upper()} "
                                                                        "student (the -HF transformers release)"),
            "algorithm.method": (method, "the run's method"),
+           "trainer.micro_batch_size": (2 if size == "4b" else 4, "gndpo choice: gradient accumulation (the update "
+                                        "equals the full batch's); 2 for 4B keeps its update phase under 80 GB"),
            "trainer.output_dir": (f"runs/paper/internvl3_5-{size}-{method}", "gndpo choice: one directory per run")}
     return {k: v for k, (v, _source) in out.items()}
 

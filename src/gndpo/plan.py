@@ -9,21 +9,29 @@ the language model (the module ``get_decoder()`` returns, plus the LM head).
 
 Memory is a worst-case bound per GPU for what gndpo does today (``train.py``, ``forward.py``,
 ``rollout/decode.py``): every prompt is ``P = data.max_prompt_length`` tokens and every response
-``R = rollout.max_new_tokens`` (``T = P + R``), no response ends early. Notation: ``p``/``p_t`` bytes per
-student/teacher parameter (``dtype: auto`` = bfloat16 unless ``trainer.device=cpu``, then float32), ``L``
+``R = rollout.max_new_tokens`` (``T = P + R``), no response ends early. Notation: ``p_s`` bytes per stored
+student parameter (``model.dtype``: float32 masters by default), ``p`` bytes of the student's compute dtype
+(``model.compute_dtype``: bfloat16 on GPUs), ``p_t`` bytes per teacher parameter, ``L``
 layers, ``h`` hidden size, ``I`` MLP width, ``a``/``k`` query/KV heads of width ``d``, ``V`` vocabulary,
 ``N`` world size (``--shard fsdp`` divides the student's weights, gradients and optimizer state by ``N``;
 ``--shard-teacher`` the teacher's weights too).
 
 Lines (bytes):
 
-- student weights: ``params * p`` (+ LoRA adapters in float32, PEFT's default for bf16/fp16 bases, + a
+- student weights: ``params * p_s`` (+ LoRA adapters in float32, PEFT's default for bf16/fp16 bases, + a
   second copy of every ``modules_to_save`` module, which PEFT keeps beside the frozen original);
-- gradients: ``trainable * p`` (adapters: 4), alive from the first backward until ``zero_grad`` after the step;
-- optimizer state: ``2 * trainable * p``: torch's AdamW keeps ``exp_avg`` and ``exp_avg_sq`` in the
-  parameter's dtype (no float32 master copy);
+- gradients: ``trainable * p_s`` (adapters: 4), alive from the first backward until ``zero_grad`` after the step;
+- optimizer state: ``2 * trainable * p_s``: torch's AdamW keeps ``exp_avg`` and ``exp_avg_sq`` in the
+  parameter's dtype, float32 beside float32 masters;
 - optimizer step temporaries: the foreach AdamW on GPU builds ``sqrt(exp_avg_sq)`` for every parameter at
-  once (one more ``trainable * p``); on CPU it walks parameters one at a time (the largest one);
+  once (one more ``trainable * p_s``); on CPU it walks parameters one at a time (the largest one);
+- mixed precision in one process (``p < p_s``, torch.autocast): a ``p``-byte copy of every Linear weight while
+  the student runs (autocast's cache for the pass, then what backward keeps), and of the LM head, which gndpo's
+  chunked head casts itself; the embeddings are not cast. In the activations the residual stream and the
+  norms' outputs stay float32 (the norms scale by float32 weights) beside each Linear's ``p``-byte input;
+- mixed precision under FSDP2 (``--shard fsdp``): the units gather in ``p``; in the update the unsharded
+  gradients of the root and one layer in ``p``, and the root's cast to ``dist.reduce_dtype`` for its
+  reduce-scatter;
 - teacher weights: ``teacher params * p_t`` (forward only, no gradients or optimizer state);
 - activations of the update, per micro-batch of ``trainer.micro_batch_size`` sequences laid out as
   ``forward.response_logprobs`` lays them out (one row per sequence; a packed row per prompt when it fits
@@ -81,6 +89,7 @@ from pathlib import Path
 
 from gndpo.config import RunConfig
 from gndpo.errors import ConfigError, ModelError
+from gndpo.models import dtype_name, student_dtypes
 
 GIB = 1024**3
 _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -111,6 +120,7 @@ class ModelShape:
     vocab: int
     qk_norm: bool
     head_trains: bool  # the LM head's weight gets a gradient
+    tied_head: bool  # the LM head is the input embedding (one storage)
     shares_prefixes: bool  # forward.shares_prefixes: scoring runs each prompt once for its samples
     decode_loop: bool  # rollout.decode.supports_decode_loop: prefill once per prompt (else generate())
 
@@ -126,8 +136,9 @@ class MemoryLine:
 class ResourcePlan:
     student: ModelShape
     teacher: ModelShape | None
-    student_dtype: str
+    student_dtype: str  # stored: the master weights, their gradients and AdamW's state
     teacher_dtype: str | None
+    compute_dtype: str  # the student's forward and backward passes (mixed precision when it differs)
     prompt_tokens: int
     response_tokens: int
     world_size: int
@@ -257,6 +268,8 @@ def model_shape(path: str, *, what: str = "model", trust_remote_code: bool = Fal
         head_dim=getattr(text, "head_dim", None) or h // heads, vocab=vocab,
         qk_norm=any(name.endswith("q_norm") for name, _ in decoder.named_modules()),
         head_trains=head is not None and (lo.head_trains if lo else True),
+        tied_head=head is not None and hasattr(model, "get_input_embeddings") and
+        head.weight is model.get_input_embeddings().weight,
         shares_prefixes=shares_prefixes(model), decode_loop=supports_decode_loop(model))
 
 
@@ -279,13 +292,16 @@ def _kv_width(s: ModelShape, attn: str | None) -> int:
     return s.heads if attn in (None, "sdpa", "eager") else s.kv_heads
 
 
-def layer_activation_bytes(s: ModelShape, p: int, attn: str | None, lora=None) -> int:
-    """Bytes autograd keeps per token in one decoder layer (see the module docstring)."""
+def layer_activation_bytes(s: ModelShape, p: int, attn: str | None, lora=None, *, autocast: bool = False) -> int:
+    """Bytes autograd keeps per token in one decoder layer (see the module docstring). ``autocast``: float32
+    weights computing in ``p`` bytes under torch.autocast, where the residual stream and the norms' outputs stay
+    float32 (norms scale by float32 weights) and each Linear keeps its own ``p``-byte copy of its input."""
     a, k, d = s.heads, s.kv_heads, s.head_dim
-    out = 2 * s.hidden * (4 + 2 * p) + (a + 2 * _kv_width(s, attn)) * d * p + 2 * a * d * p + 4 * a \
+    norm_out = 4 + p if autocast else 2 * p  # (normalized, scaled) outputs; autocast: float32 + the Linear's copy
+    out = 2 * s.hidden * (4 + norm_out) + (a + 2 * _kv_width(s, attn)) * d * p + 2 * a * d * p + 4 * a \
         + 4 * s.intermediate * p
-    if s.qk_norm:
-        out += (a + k) * d * (4 + p)
+    if s.qk_norm:  # autocast: float32 norm and rotation outputs, then SDPA's own copies in p
+        out += (a + k) * d * (4 + p + (8 if autocast else 0))
     if lora is not None and lora.rank > 0:
         per_input = (4 if p != 4 else 0) + (5 if lora.dropout > 0 else 0)
         out += s.adapted_per_layer * 4 * lora.rank + s.adapter_inputs * per_input
@@ -371,24 +387,25 @@ def _rollout_lines(s: ModelShape, p: int, cfg: RunConfig, attn: str | None) -> l
 
 
 def _update_lines(s: ModelShape, p: int, cfg: RunConfig, attn: str | None, *, shared: bool,
-                  trainable_bytes: int) -> list[MemoryLine]:
+                  trainable_bytes: int, largest_param_bytes: int, autocast: bool = False) -> list[MemoryLine]:
     m, micro, P, R = cfg.model, cfg.trainer.micro_batch_size, cfg.data.max_prompt_length, cfg.rollout.max_new_tokens
     lay = layout(micro, cfg.rollout.n, P, R, shared=shared, attn=attn)
-    per_token = layer_activation_bytes(s, p, attn, m.lora)
+    per_token = layer_activation_bytes(s, p, attn, m.lora, autocast=autocast)
+    residual = 4 if autocast else p  # the layer inputs gradient checkpointing keeps: the residual stream
     logprob = _logprob_bytes(s, p, micro * R, backward=True)
     scores = s.heads * lay.mask_pairs * (4 + p) if attn == "eager" else 0  # per layer, kept for backward
     if m.gradient_checkpointing:
         # The LM head's backward runs before any layer is recomputed, so the recomputed layer only counts
         # where it outgrows the log-prob buffers.
-        layers = s.layers * lay.tokens * s.hidden * p + max(0, lay.tokens * per_token + scores - logprob)
+        layers = s.layers * lay.tokens * s.hidden * residual + max(0, lay.tokens * per_token + scores - logprob)
     else:
         layers = s.layers * (lay.tokens * per_token + scores)
     # over a shared prompt's KV cache, each response's attention also keeps its (repeated) prompt keys/values
     cached_prompt = micro * P if lay.cached else 0
-    act = layers + lay.tokens * s.hidden * (4 + 2 * p) + _mask_bytes(lay, attn, p) + \
+    act = layers + lay.tokens * s.hidden * (4 + (4 + p if autocast else 2 * p)) + _mask_bytes(lay, attn, p) + \
         kv_bytes(s, p, cached_prompt) * _kv_width(s, attn) // s.kv_heads
     # foreach AdamW (GPU) takes sqrt(exp_avg_sq) of every parameter at once; on CPU it goes one by one
-    step = trainable_bytes if cfg.trainer.device != "cpu" else s.largest_param * (4 if m.lora.rank > 0 else p)
+    step = trainable_bytes if cfg.trainer.device != "cpu" else largest_param_bytes
     return [MemoryLine("activations (update)", ("update",), act),
             MemoryLine("log-prob buffers (update)", ("update",), logprob),
             MemoryLine("optimizer step temporaries", ("optimizer step",), step)]
@@ -408,16 +425,20 @@ def build_plan(cfg: RunConfig, *, world_size: int = 1, shard: str = "none", shar
     m, t, r, tr, a = cfg.model, cfg.teacher, cfg.rollout, cfg.trainer, cfg.algorithm
     lora = m.lora if m.lora.rank > 0 else None
     student = model_shape(m.path, what="model", trust_remote_code=m.trust_remote_code, lora=lora)
-    s_name, p = dtype_bytes(m.dtype, tr.device)
+    stored, compute = student_dtypes(m.dtype, m.compute_dtype, "cpu" if tr.device == "cpu" else "cuda",
+                                     lora=lora is not None)
+    s_name, ps, c_name, p = dtype_name(stored), stored.itemsize, dtype_name(compute), compute.itemsize
+    # mixed precision: autocast in one process; under FSDP2 the units gather in the compute dtype
+    autocast = compute != stored and shard != "fsdp"
     uses_teacher = a.advantage in ("gndpo", "opd") and t.backend != "server"
     teacher = model_shape(t.path, what="teacher", trust_remote_code=t.trust_remote_code) if uses_teacher else None
     t_name, pt = dtype_bytes(t.dtype, tr.device) if uses_teacher else (None, 0)
     P, R, n, attn = cfg.data.max_prompt_length, r.max_new_tokens, r.n, m.attn_implementation
     div = world_size if shard == "fsdp" else 1
-    adapter_bytes = student.adapters * 4 + student.saved_copies * p  # PEFT keeps adapters in float32
-    trainable_bytes = adapter_bytes if lora else student.total * p
+    adapter_bytes = student.adapters * 4 + student.saved_copies * ps  # PEFT keeps adapters in float32
+    trainable_bytes = adapter_bytes if lora else student.total * ps  # gradients and AdamW moments: the masters'
 
-    lines = [MemoryLine("student weights", (), (student.total * p + (adapter_bytes if lora else 0)) // div),
+    lines = [MemoryLine("student weights", (), (student.total * ps + (adapter_bytes if lora else 0)) // div),
              MemoryLine("optimizer state (AdamW)", (), 2 * trainable_bytes // div)]
     if teacher is not None and t.backend == "hf":
         lines.append(MemoryLine("teacher weights", (), teacher.total * pt // (world_size if shard_teacher else 1)))
@@ -431,11 +452,27 @@ def build_plan(cfg: RunConfig, *, world_size: int = 1, shard: str = "none", shar
                 raise ModelError(f"{name} reserves {section.gpu_memory_utilization:g} of the GPU's memory; pass "
                                   "--gpu-memory so the plan can count it")
             lines.append(MemoryLine(name, phases, int(section.gpu_memory_utilization * gpu_memory)))
-    if shard == "fsdp":
-        gathered = (student.total - (student.layers - 2) * student.layer_params) * p
+    root = student.total - student.layers * student.layer_params  # embeddings, head, norms, vision, projector
+    if shard == "fsdp":  # gathered in the compute dtype (MixedPrecisionPolicy)
+        gathered = (root + 2 * student.layer_params) * p
         if shard_teacher and teacher is not None:
             gathered += (teacher.total - (teacher.layers - 2) * teacher.layer_params) * pt
         lines.append(MemoryLine("FSDP all-gathered units", (), gathered))
+        if p != ps or ps != _BYTES[cfg.dist.reduce_dtype]:
+            # unsharded gradients in the compute dtype: the root's from the head's backward (first) to the end of
+            # backward, one layer's at a time; the root's cast to the reduce dtype for its reduce-scatter
+            lines.append(MemoryLine("FSDP unsharded gradients", ("update",),
+                                    (root + student.layer_params) * p + root * _BYTES[cfg.dist.reduce_dtype]))
+    student_passes = ("rollout",) if r.backend == "hf" else ()
+    sampler_lp = a.old_logprobs == "sampler" and r.engine == "loop" and student.decode_loop
+    old_pass = not sampler_lp and not old_logprobs_redundant(cfg)
+    student_passes += ("old log-probs",) * old_pass + ("update",)
+    if autocast:
+        # autocast keeps a compute-dtype copy of every Linear weight for the whole pass (and backward keeps them);
+        # the embeddings are not cast, but gndpo's chunked head casts the LM head's weight itself
+        untied_embeddings = 0 if student.tied_head else student.vocab * student.hidden
+        lines.append(MemoryLine("compute copies (autocast)", student_passes,
+                                (student.total - untied_embeddings) * p))
     if r.backend == "hf":
         lines += _rollout_lines(student, p, cfg, attn)
         if shard == "fsdp":  # decoding gathers the layers the persistent line above does not hold
@@ -443,15 +480,16 @@ def build_plan(cfg: RunConfig, *, world_size: int = 1, shard: str = "none", shar
                                     (student.layers - 2) * student.layer_params * p))
     # the student's scoring shares prompts over a KV cache unless activations are checkpointed
     shared = not m.gradient_checkpointing and student.shares_prefixes
-    sampler_lp = a.old_logprobs == "sampler" and r.engine == "loop" and student.decode_loop
-    if not sampler_lp and not old_logprobs_redundant(cfg):
+    if old_pass:
         lines += _scoring_lines(student, p, "old log-probs", "old log-probs", tr.micro_batch_size, n, P, R,
                                 shared=shared, attn=attn)
     if teacher is not None and t.backend == "hf":  # loaded without attn_implementation: SDPA
         lines += _scoring_lines(teacher, pt, "teacher scoring", "teacher scoring", t.micro_batch_size, n, P, R,
                                 shared=teacher.shares_prefixes, attn=None)
     lines.append(MemoryLine("gradients", ("update", "optimizer step"), trainable_bytes // div))
-    lines += _update_lines(student, p, cfg, attn, shared=shared, trainable_bytes=trainable_bytes // div)
+    largest = student.largest_param * (4 if lora else ps)
+    lines += _update_lines(student, p, cfg, attn, shared=shared, trainable_bytes=trainable_bytes // div,
+                           largest_param_bytes=largest, autocast=autocast)
 
     persistent = sum(x.bytes for x in lines if not x.phases)
     phase_bytes = {ph: persistent + sum(x.bytes for x in lines if ph in x.phases) for ph in PHASES
@@ -462,7 +500,8 @@ def build_plan(cfg: RunConfig, *, world_size: int = 1, shard: str = "none", shar
     if gpu_memory is not None and peak > gpu_memory:
         warnings.append(f"estimated peak {peak / GIB:.2f} GiB per GPU ({peak_phase}) exceeds --gpu-memory "
                         f"{gpu_memory / GIB:.2f} GiB; {_advice(peak_phase, shard)}")
-    return ResourcePlan(student=student, teacher=teacher, student_dtype=s_name, teacher_dtype=t_name, prompt_tokens=P,
+    return ResourcePlan(student=student, teacher=teacher, student_dtype=s_name, teacher_dtype=t_name,
+                        compute_dtype=c_name, prompt_tokens=P,
                         response_tokens=R, world_size=world_size, shard=shard, shard_teacher=shard_teacher,
                         lines=tuple(lines), phase_bytes=phase_bytes, peak_bytes=peak, peak_phase=peak_phase,
                         gpu_memory_bytes=gpu_memory, warnings=tuple(warnings))
@@ -521,7 +560,9 @@ def format_plan(plan: ResourcePlan) -> str:
             f"{' (teacher too)' if plan.shard_teacher else ''}; worst case {plan.prompt_tokens:,}-token prompts + "
             f"{plan.response_tokens:,}-token responses")
     models = [("model", "params", "vision", "language", "trainable", "dtype", "path")]
-    roles = (("student", plan.student, plan.student_dtype), ("teacher", plan.teacher, plan.teacher_dtype))
+    student_dtype = plan.student_dtype if plan.compute_dtype == plan.student_dtype else \
+        f"{plan.student_dtype}, computes in {plan.compute_dtype}"
+    roles = (("student", plan.student, student_dtype), ("teacher", plan.teacher, plan.teacher_dtype))
     for role, s, dtype in roles:
         if s is not None:
             models.append((role, format_count(s.total), format_count(s.vision), format_count(s.language),
