@@ -71,7 +71,7 @@ def test_subprocess_error_has_no_traceback():
     (["rollout.top_p=1.5"], ["rollout.top_p"]),
     (["rollout.min_new_tokens=999999"], ["rollout.min_new_tokens must be in [0, rollout.max_new_tokens]"]),
     (["rollout.engine=vllm"], ["rollout.engine='vllm' is not one of: loop, generate"]),
-    (["algorithm.old_logprobs=sampler", "rollout.engine=generate"],
+    (["algorithm.old_logprobs=sampler", "rollout.backend=hf", "rollout.engine=generate"],
      ["algorithm.old_logprobs=sampler needs rollout.engine=loop"]),
     (["optim.lr=-1"], ["optim.lr must be > 0"]),
     (["trainer.total_steps=abc"], ["trainer.total_steps"]),
