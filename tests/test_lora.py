@@ -432,7 +432,7 @@ def test_export_of_a_full_run_and_cli_errors(root, tmp_path, capsys):
                     config={"model": {"path": str(root / "qwen3_student")}})
     assert main(["export", str(run), "--merge"]) == 0
     out = run / "export" / "step-000003-merged"
-    assert capsys.readouterr().out.strip() == f"wrote {out}: the full model of step 3"
+    assert capsys.readouterr().out.strip() == f"wrote {out}: the full model of step 3 in float32"
     assert not {"trainer_state.pt", "COMPLETE", "config.yaml"} & {p.name for p in out.iterdir()}
     reloaded = AutoModelForCausalLM.from_pretrained(out)
     for k, v in loaded.model.state_dict().items():

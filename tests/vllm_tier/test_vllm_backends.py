@@ -418,3 +418,38 @@ def test_two_ranks_with_vllm_rollouts_train_as_one_process(two_ranks_vllm, metho
     b = load_file(str(two_ranks_vllm / f"two-{method}" / "checkpoints" / "step-000002" / "model.safetensors"))
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["text", "vlm"])
+def test_an_export_loads_in_vllm(lab_pair, vllm_dir, tmp_path, run_cfg, kind):
+    """A trained run's export (float32 masters written as bfloat16) is a directory vLLM's own loader reads (LLaVA's
+    after gndpo's renaming, as gndpo eval serves it), and the engine scores as transformers does on it."""
+    from gndpo.checkpoint import export_checkpoint
+    from gndpo.data.loaders import load_records
+    from gndpo.vllm_engine import engine_input, prompt_ids, score, shutdown, start_engine, vllm_readable
+
+    text = kind == "text"
+    paths = (vllm_dir / "text_student", vllm_dir / "text_teacher") if text else lab_pair
+    data = vllm_dir / ("text.jsonl" if text else "vlm/train.jsonl")
+    train(run_cfg(paths, data, tmp_path / "run", steps=1, text=text))
+    out, what = export_checkpoint(tmp_path / "run", dtype="bfloat16")
+    assert what.endswith("in bfloat16")
+    path = vllm_readable(str(out), tmp_path / "renamed")
+    llm, loaded = start_engine(path, EngineOptions(dtype="bfloat16", max_model_len=512, max_images=0 if text else 1))
+    try:
+        assert loaded  # vLLM read the checkpoint itself: no placeholders, no push
+        exported = load_model(str(out), dtype="bfloat16")
+        records = load_records(str(data), image_key=None if text else "images")[:2]
+        ids = prompt_ids(exported.processor, records, suffix=None, system_prompt=None)
+        responses = [[5, 6, 7, 8], [9, 10, 11]]
+        ours = score(llm, [engine_input(i, r.images) for i, r in zip(ids, records)], responses)
+        from gndpo.rollout.base import Rollouts
+
+        mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]], dtype=torch.bool)
+        rollouts = Rollouts(tuple(records), torch.arange(2), torch.tensor([[5, 6, 7, 8], [9, 10, 11, 0]]), mask,
+                            ("", ""), torch.zeros(2, dtype=torch.bool), torch.zeros(2, dtype=torch.long))
+        theirs = trainer_lp(exported.model, exported.processor)(rollouts)
+        gaps = [abs(a - float(theirs[i, j])) for i, row in enumerate(ours) for j, a in enumerate(row)]
+        assert sum(gaps) / len(gaps) < 2e-2  # bfloat16 kernels on both sides
+    finally:
+        shutdown(llm)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+TILE = 448  # InternViT's tile: 32 x 32 patches of 14 px, pixel-shuffled to 256 tokens
+
 
 def internvl3_5_config(hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int) -> dict:
     """config.json of an InternVL3.5 ``-HF`` checkpoint (transformers' InternVLForConditionalGeneration).
@@ -46,3 +48,37 @@ def write_config_dirs(root: str | Path, sizes=("1b", "2b", "4b", "8b")) -> dict[
         (d / "config.json").write_text(json.dumps(internvl3_5_config(*SIZES[size]), indent=1))
         dirs[size] = d
     return dirs
+
+
+def save_random_model(out: str | Path, size: str = "1b", *, seed: int = 0, layers: int | None = None,
+                      device: str = "cpu") -> Path:
+    """An InternVL3.5-``size``-shaped model with random weights, saved in bfloat16 (as released) with a processor
+    that cuts images into real 448 px tiles (256 tokens each) and the lab family's small tokenizer (prompts use
+    few ids; the model's vocabulary is the real 151,936). ``layers``: keep that many text and vision layers (same
+    per-layer shapes) on a machine too small for all of them."""
+    import torch
+    from transformers import AutoConfig, GotOcr2ImageProcessor, InternVLForConditionalGeneration
+
+    from gndpo.lab.families import build_processor
+
+    out = Path(out)
+    config = internvl3_5_config(*SIZES[size])
+    if layers is not None:
+        config["text_config"]["num_hidden_layers"] = layers
+        config["vision_config"]["num_hidden_layers"] = layers
+    processor = build_processor("internvl")
+    tok = processor.tokenizer
+    config["image_token_id"] = tok.convert_tokens_to_ids(processor.image_token)
+    config["text_config"].update(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None)
+    processor.image_processor = GotOcr2ImageProcessor(size={"height": TILE, "width": TILE}, crop_to_patches=True,
+                                                      min_patches=1, max_patches=12)
+    processor.image_seq_length = 256
+    processor.video_processor.size = {"height": TILE, "width": TILE}
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = InternVLForConditionalGeneration(AutoConfig.for_model(**config)).to(torch.bfloat16)
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
