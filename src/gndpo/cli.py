@@ -103,6 +103,7 @@ def _resume_source(config: str | None, overrides: list[str], *, resume: bool):
     from gndpo.errors import ConfigError
 
     given = {o.split("=", 1)[0]: o.split("=", 1)[1] for o in overrides if "=" in o}
+    resume = resume or given.get("trainer.resume", "").lower() == "true"
     if config is not None and resume and not Path(config).exists() and \
             Path(config).suffix.lower() not in (".yaml", ".yml", ".json"):
         raise ConfigError(f"run directory {config} does not exist; give the trainer.output_dir of a run")
