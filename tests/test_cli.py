@@ -215,7 +215,8 @@ def test_resume_from_the_run_directory_resolves_its_stored_config(tmp_path, caps
     for args in (["--resume", run], [run / "run_config.yaml", "--resume"], ["--resume", f"trainer.output_dir={run}"]):
         rc, out, err = run_cli(["train", *args, "trainer.total_steps=99", "--dry-run"], capsys)
         assert rc == 0, err
-        assert "lr: 3.0e-06" in out and "total_steps: 99" in out and f"output_dir: {run}" in out and "resume: true" in out
+        assert "lr: 3.0e-06" in out and "total_steps: 99" in out
+        assert f"output_dir: {run}" in out and "resume: true" in out
     rc, _, err = run_cli(["train", "--resume", run, "rollout.n=4", "--dry-run"], capsys)
     assert_one_line_error(rc, err, f"cannot resume {run} with rollout.n=4", "rollout.n was 16", "drop that override")
     rc, _, err = run_cli(["train", "--resume", run, f"trainer.output_dir={tmp_path / 'other'}"], capsys)
@@ -229,7 +230,8 @@ def test_resume_from_the_run_directory_resolves_its_stored_config(tmp_path, caps
 def test_resume_without_a_checkpoint_restarts_its_metrics(tiny_dir, tmp_path, capsys):
     # a run that logged steps but saved no checkpoint resumes from scratch: its metrics restart too, never twice
     out = tmp_path / "run"
-    rc, _, err = run_cli(base_args(tiny_dir, out, **{"trainer.total_steps": 2, "checkpoint.save_final": "false"}), capsys)
+    args = base_args(tiny_dir, out, **{"trainer.total_steps": 2, "checkpoint.save_final": "false"})
+    rc, _, err = run_cli(args, capsys)
     assert rc == 0, err
     assert not (out / "checkpoints").exists()
     rc, _, err = run_cli(["train", "--resume", out], capsys)

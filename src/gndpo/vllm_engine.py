@@ -191,8 +191,8 @@ def _started(vllm, path: str, llm):
     rollout with vLLM's traceback. The process's RNG is left as it was."""
     rng = torch.get_rng_state()
     try:
-        llm.generate([{"prompt_token_ids": [0, 1]}], vllm.SamplingParams(max_tokens=1, temperature=0.0, detokenize=False),
-                     use_tqdm=False)
+        params = vllm.SamplingParams(max_tokens=1, temperature=0.0, detokenize=False)
+        llm.generate([{"prompt_token_ids": [0, 1]}], params, use_tqdm=False)
     except Exception as exc:
         shutdown(llm)
         raise engine_start_error(path, exc) from None
