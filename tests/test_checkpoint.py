@@ -10,7 +10,8 @@ import yaml
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 import gndpo.checkpoint as ckpt_mod
-from gndpo.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, prepare_run_dir, save_checkpoint
+from gndpo.checkpoint import (latest_checkpoint, list_checkpoints, load_checkpoint, prepare_run_dir, run_started,
+                              save_checkpoint)
 from gndpo.errors import GndpoError
 
 CONFIG = {
@@ -225,13 +226,30 @@ def test_prepare_run_dir_fresh_refuse_and_resume(tmp_path, trained):
     assert prepare_run_dir(run, config=CONFIG, resume=False) is None
     assert yaml.safe_load((run / "run_config.yaml").read_text())["optim"]["lr"] == 1e-3
 
+    # A run that stopped before its first step ended (a wrong path, a missing field, an engine that did not start)
+    # left only its setup files: the corrected command reuses the directory, with or without resume, any config.
+    (run / "metrics.jsonl").write_text("")
+    (run / "checkpoints").mkdir()
+    (run / "checkpoints" / ".tmp-step-000001-99").mkdir()  # its first save, cut off
+    fixed = {**CONFIG, "optim": {"lr": 5e-4, "betas": (0.9, 0.999)}}
+    assert not run_started(run)
+    assert prepare_run_dir(run, config=fixed, resume=False) is None
+    assert yaml.safe_load((run / "run_config.yaml").read_text())["optim"]["lr"] == 5e-4
+    assert prepare_run_dir(run, config=CONFIG, resume=True) is None
+    assert yaml.safe_load((run / "run_config.yaml").read_text())["optim"]["lr"] == 1e-3
+
+    # One logged step makes it a run: protected without resume, resumable (from scratch: no checkpoint yet) with it.
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 0.5}\n')
+    assert run_started(run)
     with pytest.raises(GndpoError) as info:
         prepare_run_dir(run, config=CONFIG, resume=False)
     assert str(info.value) == (
-        f"output directory {run} already holds a run; pass trainer.resume=true to continue it "
-        "or choose another trainer.output_dir"
+        f"output directory {run} already holds a run; continue it with gndpo train --resume {run} "
+        "(or trainer.resume=true), or choose another trainer.output_dir"
     )
-    assert prepare_run_dir(run, config=CONFIG, resume=True) is None  # a run with no checkpoint yet: fresh start
+    assert prepare_run_dir(run, config=CONFIG, resume=True) is None
+    with pytest.raises(GndpoError, match=r"optim\.lr changed from 0\.001 to 0\.0005"):
+        prepare_run_dir(run, config=fixed, resume=True)
 
     model, opt, sched = trained
     _save(run, 1, model, opt, sched)
@@ -242,10 +260,27 @@ def test_prepare_run_dir_fresh_refuse_and_resume(tmp_path, trained):
     assert yaml.safe_load((run / "run_config.yaml").read_text())["trainer"]["total_steps"] == 10
 
     changed = {**allowed, "optim": {"lr": 2e-3, "betas": (0.9, 0.999)}}
-    with pytest.raises(GndpoError, match=r"cannot resume .*: optim\.lr changed from 0\.001 to 0\.002; set it back"):
+    with pytest.raises(GndpoError) as info:
         prepare_run_dir(run, config=changed, resume=True)
+    assert str(info.value).startswith(
+        f"cannot resume {run}: optim.lr changed from 0.001 to 0.002, and a resumed run stays exact only with the "
+        "settings it trained with; set it back to 0.001, or start a new run in another trainer.output_dir "
+        "(changeable on resume: trainer.total_steps, ")
     added = {**allowed, "algorithm": {"method": "opd"}}
     with pytest.raises(GndpoError, match=r"algorithm\.method changed from '<absent>' to 'opd'"):
         prepare_run_dir(run, config=added, resume=True)
     with pytest.raises(GndpoError, match="already holds a run"):
         prepare_run_dir(run, config=allowed, resume=False)
+
+
+def test_a_checkpoint_alone_makes_a_run(tmp_path, trained):
+    # A run killed between its first checkpoint and its first metrics line is a run: the checkpoint is worth keeping.
+    model, opt, sched = trained
+    _save(tmp_path, 1, model, opt, sched)
+    assert run_started(tmp_path)
+    with pytest.raises(GndpoError, match="already holds a run"):
+        prepare_run_dir(tmp_path, config=CONFIG, resume=False)
+    # so is one whose only checkpoint was set aside as damaged
+    other = tmp_path / "other"
+    (other / "checkpoints" / ".broken-step-000001-5").mkdir(parents=True)
+    assert run_started(other) and not run_started(tmp_path / "nowhere")

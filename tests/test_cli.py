@@ -186,3 +186,54 @@ def test_eval_command(tiny_dir, tmp_path, capsys):
     assert len((tmp_path / "items.jsonl").read_text().splitlines()) == 8
     rc, _, err = run_cli(["eval", tiny_dir / "vlm_student", tmp_path / "nope.jsonl"], capsys)
     assert_one_line_error(rc, err, "nope.jsonl")
+
+
+def test_eval_help_names_the_default_engine(capsys):
+    with pytest.raises(SystemExit):
+        main(["eval", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "hf (default): gndpo's decode loop" in out and "auto: vllm where installed, else hf" in out
+
+
+def test_a_run_directory_is_not_a_config(tmp_path, capsys):
+    (tmp_path / "run").mkdir()
+    rc, _, err = run_cli(["train", tmp_path / "run"], capsys)
+    assert_one_line_error(rc, err, "is a directory", f"gndpo train --resume {tmp_path / 'run'}")
+    rc, _, err = run_cli(["train", "--resume", tmp_path / "run"], capsys)
+    assert_one_line_error(rc, err, "holds no run_config.yaml", "not a gndpo run directory")
+
+
+def test_resume_from_the_run_directory_resolves_its_stored_config(tmp_path, capsys):
+    # --dry-run shows what --resume RUN_DIR means without loading anything: the stored config, the run directory
+    # as output_dir wherever it is given from, and the overrides a resume may change
+    run = tmp_path / "run"
+    rc, out, err = run_cli(["train", PRESETS[0], "--dry-run", "optim.lr=3e-6", "trainer.output_dir=elsewhere"], capsys)
+    assert rc == 0, err
+    run.mkdir()
+    (run / "run_config.yaml").write_text(out)
+    (run / "metrics.jsonl").write_text('{"step": 1}\n')
+    for args in (["--resume", run], [run / "run_config.yaml", "--resume"], ["--resume", f"trainer.output_dir={run}"]):
+        rc, out, err = run_cli(["train", *args, "trainer.total_steps=99", "--dry-run"], capsys)
+        assert rc == 0, err
+        assert "lr: 3.0e-06" in out and "total_steps: 99" in out
+        assert f"output_dir: {run}" in out and "resume: true" in out
+    rc, _, err = run_cli(["train", "--resume", run, "rollout.n=4", "--dry-run"], capsys)
+    assert_one_line_error(rc, err, f"cannot resume {run} with rollout.n=4", "rollout.n was 16", "drop that override")
+    rc, _, err = run_cli(["train", "--resume", run, f"trainer.output_dir={tmp_path / 'other'}"], capsys)
+    assert_one_line_error(rc, err, "is not the run directory", "drop that override")
+    (run / "metrics.jsonl").write_text("")  # its first step never ended: any override goes (a fresh start)
+    rc, out, err = run_cli(["train", "--resume", run, "rollout.n=4", "--dry-run"], capsys)
+    assert rc == 0 and "'n': 4" in out, err
+
+
+@pytest.mark.slow
+def test_resume_without_a_checkpoint_restarts_its_metrics(tiny_dir, tmp_path, capsys):
+    # a run that logged steps but saved no checkpoint resumes from scratch: its metrics restart too, never twice
+    out = tmp_path / "run"
+    args = base_args(tiny_dir, out, **{"trainer.total_steps": 2, "checkpoint.save_final": "false"})
+    rc, _, err = run_cli(args, capsys)
+    assert rc == 0, err
+    assert not (out / "checkpoints").exists()
+    rc, _, err = run_cli(["train", "--resume", out], capsys)
+    assert rc == 0, err
+    assert [json.loads(line)["step"] for line in open(out / "metrics.jsonl")] == [1, 2]

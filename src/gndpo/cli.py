@@ -15,6 +15,8 @@ from gndpo.errors import GndpoError, Interrupted
 _TRAIN_EPILOG = """\
 overrides are dotted key=value pairs applied after CONFIG, e.g.
   gndpo train configs/paper/internvl3_5-1b-gndpo.yaml trainer.total_steps=10 optim.lr=2e-6
+continue a run from its own stored config (RUN_DIR/run_config.yaml), with more steps:
+  gndpo train --resume runs/gndpo trainer.total_steps=100
 
 config keys (defaults = the paper's Table 2):
 """
@@ -46,7 +48,10 @@ def _train(args: argparse.Namespace) -> int:
     overrides = ["trainer." + o if o.split("=", 1)[0] == "resume" else o for o in args.overrides]
     if args.resume:
         overrides.append("trainer.resume=true")
-    cfg = load_config(args.config, overrides)
+    config_file, overrides, resumed = _resume_source(args.config, overrides, resume=args.resume)
+    cfg = load_config(config_file, overrides)
+    if resumed is not None:
+        _check_resume_overrides(resumed, cfg)
     if args.dry_run:
         from gndpo.errors import ModelError
         from gndpo.plan import build_plan, default_world_size, format_plan, parse_memory
@@ -85,6 +90,65 @@ def _train(args: argparse.Namespace) -> int:
         print(f"done: {cfg.trainer.total_steps} steps, run directory {cfg.trainer.output_dir}; "
               f"final loss {metrics.get('loss', float('nan')):.4g}, accuracy {metrics.get('accuracy', float('nan')):.3f}")
     return 0
+
+
+def _resume_source(config: str | None, overrides: list[str], *, resume: bool):
+    """The config file and overrides a ``gndpo train`` command means, and the run directory it resumes from its own
+    stored config (None: a config file or overrides alone, as given).
+
+    ``--resume RUN_DIR [key=value ...]``, ``RUN_DIR/run_config.yaml --resume`` and ``--resume
+    trainer.output_dir=RUN_DIR`` (no config file) continue a run from the ``run_config.yaml`` it stored, in that
+    directory wherever it was started from; the overrides change only what a resume may change."""
+    from gndpo.checkpoint import RUN_CONFIG
+    from gndpo.errors import ConfigError
+
+    given = {o.split("=", 1)[0]: o.split("=", 1)[1] for o in overrides if "=" in o}
+    resume = resume or given.get("trainer.resume", "").lower() == "true"
+    if config is not None and resume and not Path(config).exists() and \
+            Path(config).suffix.lower() not in (".yaml", ".yml", ".json"):
+        raise ConfigError(f"run directory {config} does not exist; give the trainer.output_dir of a run")
+    if config is not None and Path(config).is_dir():
+        if not resume:
+            raise ConfigError(f"{config} is a directory; to continue the run in it: gndpo train --resume {config}; "
+                              f"to start one, give a YAML config file and/or key=value overrides")
+        run_dir = Path(config)
+    elif config is not None and resume and Path(config).name == RUN_CONFIG:
+        run_dir = Path(config).parent
+    elif config is None and resume:
+        run_dir = Path(given.get("trainer.output_dir", "runs/gndpo"))
+        if not (run_dir / RUN_CONFIG).is_file():
+            if "model.path" in given:  # the whole command again: resume (or start) as it says
+                return None, overrides, None
+            raise ConfigError(f"nothing to resume in {run_dir}: it holds no {RUN_CONFIG}; give the run directory "
+                              f"(gndpo train --resume RUN_DIR) or the run's whole command")
+    else:
+        return config, overrides, None
+    if not run_dir.is_dir():
+        raise ConfigError(f"run directory {run_dir} does not exist; give the trainer.output_dir of a run")
+    if not (run_dir / RUN_CONFIG).is_file():
+        raise ConfigError(f"{run_dir} holds no {RUN_CONFIG}, so it is not a gndpo run directory; give the "
+                          f"trainer.output_dir of a run, or the run's whole command with --resume")
+    if "trainer.output_dir" in given and Path(given["trainer.output_dir"]).resolve() != run_dir.resolve():
+        raise ConfigError(f"trainer.output_dir={given['trainer.output_dir']} is not the run directory {run_dir} "
+                          f"being resumed; drop that override (a run continues where it is)")
+    return str(run_dir / RUN_CONFIG), [*overrides, f"trainer.output_dir={run_dir}"], run_dir
+
+
+def _check_resume_overrides(run_dir: Path, cfg) -> None:
+    """Refuse, before anything loads, an override that would make a resumed run inexact (a run whose first step
+    never ended resumes as a fresh start: any override goes)."""
+    from gndpo.checkpoint import RESUME_MUTABLE_KEYS, config_difference, run_started, stored_run_config
+    from gndpo.config import to_dict
+    from gndpo.errors import ConfigError
+
+    if not run_started(run_dir):
+        return
+    diff = config_difference(stored_run_config(run_dir), to_dict(cfg))
+    if diff is not None:
+        key, old, new = diff
+        raise ConfigError(f"cannot resume {run_dir} with {key}={new}: a resumed run stays exact only with the "
+                          f"settings it trained with ({key} was {old!r}); drop that override, or start a new run in "
+                          f"another trainer.output_dir (changeable on resume: {', '.join(RESUME_MUTABLE_KEYS)})")
 
 
 def _plot(args: argparse.Namespace) -> int:
@@ -141,7 +205,8 @@ def _eval_dataset(args: argparse.Namespace, model_path: str, data: str) -> int:
             for rec, text, ok, r in zip(records, result["responses"], result["correct"], result["rewards"]):
                 f.write(json.dumps({"id": rec.id, "answer": rec.answer, "response": text, "correct": ok,
                                     "reward": r}) + "\n")
-    where = f"on {result['n']} items ({data}, split {args.split})"
+    # a split names one part of a dataset directory or hub dataset; a single file has none
+    where = f"on {result['n']} items ({data}{'' if Path(data).is_file() else f', split {args.split}'})"
     if temperature == 0:
         head = f"accuracy {100 * result['accuracy']:.2f}% {where}, greedy"
     else:
@@ -269,11 +334,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a student (gndpo, opd or gspo)",
                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_TRAIN_EPILOG + help_text())
-    p.add_argument("config", nargs="?", help="YAML config file (optional: overrides alone are enough)")
+    p.add_argument("config", nargs="?", help="YAML config file (optional: overrides alone are enough); with --resume "
+                   "also a run directory")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     p.add_argument("--dry-run", action="store_true", help="validate and print the resolved config and its resource "
                    "plan (parameter counts, memory per GPU, from config.json alone); load no weights")
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in trainer.output_dir")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in trainer.output_dir; "
+                   "gndpo train --resume RUN_DIR [key=value ...] continues a run from its own run_config.yaml "
+                   "(overrides: trainer.total_steps, logging.*, checkpoint.*, ...)")
     p.add_argument("--gpu-memory", metavar="SIZE", help="with --dry-run: warn when the estimated peak per GPU exceeds "
                    "SIZE (80GB, 80GiB, 141GB; a bare number is GiB); an unreadable model config is then an error")
     p.add_argument("--world-size", type=int, metavar="N", help="with --dry-run: GPUs the plan assumes "
@@ -339,9 +407,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--api-nproc", type=int, default=8, help="parallel requests to the model server")
     g = p.add_argument_group("MODEL DATA")
     g.add_argument("--engine", choices=("auto", "hf", "vllm"), default="hf",
-                   help="hf: gndpo's decode loop; vllm: a vLLM engine (checked against the HF model); auto: vllm "
-                   "where installed")
-    g.add_argument("--split", default="test")
+                   help="hf (default): gndpo's decode loop; vllm: a vLLM engine (checked against the HF model); "
+                   "auto: vllm where installed, else hf")
+    g.add_argument("--split", default="test", help="the split of a dataset directory or hub dataset (default: test; "
+                   "a single file is read whole)")
     g.add_argument("--format", default="auto")
     g.add_argument("--prompt-key", default="problem")
     g.add_argument("--answer-key", default="answer")

@@ -46,12 +46,17 @@ def sampled_accuracy(sampler, records: Sequence[PromptRecord], sampling: Samplin
     responses: list[list[str]] = []
     lengths: list[int] = []
     truncated: list[bool] = []
-    for start in tqdm(range(0, len(records), batch_size), desc="eval", unit="batch", disable=not progress, leave=False):
+    # leave=True: the finished bar ends its line, so what is printed next starts a line of its own in a terminal
+    # and in a log file alike (a bar erased with a carriage return leaves the next line glued to it in a log)
+    bar = tqdm(total=len(records), desc="eval", unit="item", disable=not progress, leave=True)
+    for start in range(0, len(records), batch_size):
         rollouts = sampler.generate(records[start:start + batch_size], sampling)
+        bar.update(len(records[start:start + batch_size]))
         texts = list(rollouts.texts)
         responses.extend(texts[i * k:(i + 1) * k] for i in range(len(texts) // k))
         lengths.extend(int(n) for n in rollouts.response_mask.sum(-1))
         truncated.extend(bool(t) for t in rollouts.truncated)
+    bar.close()
     rewards = [[float(reward(text, record.answer)) for text in texts] for texts, record in zip(responses, records)]
     correct = [[r >= 1.0 for r in row] for row in rewards]
     n, total = len(records), max(len(records) * k, 1)

@@ -5,6 +5,7 @@ teacher: if the two tokenize differently, every reward is silently wrong.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import dataclass
@@ -58,13 +59,72 @@ def student_dtypes(dtype: str, compute_dtype: str, device: torch.device, *, lora
 
 
 def _check_path(path: str, what: str) -> None:
+    """A one-line ModelError, at once, for a path that cannot be a model: an existing directory without
+    ``config.json``, or a missing path that is local by its look (``.``, ``/``, ``~``), by its shape (a hub id is
+    ``org/name``) or by its parent (``models/qwen3_studnet`` where ``models/`` exists here). Anything else may be
+    a hub id."""
     p = Path(path).expanduser()
     if p.exists():
+        if p.is_file():
+            raise ModelError(f"{what} path {p} is a file; give the model's directory (the one holding config.json)")
         if not (p / "config.json").is_file():
-            raise ModelError(f"{what} directory {p} has no config.json; point it at a save_pretrained() directory")
+            raise ModelError(f"{what} directory {p} has no config.json; {_model_dir_hint(p)}")
         return
-    if path.startswith((".", "/", "~")) or path.count("/") != 1:
-        raise ModelError(f"{what} path not found: {path}; give an existing directory or a Hugging Face id like org/name")
+    local_parent = p.parent != Path(".") and p.parent.is_dir()
+    if path.startswith((".", "/", "~")) or path.count("/") != 1 or local_parent:
+        raise ModelError(f"{what} path not found: {path}{_near_misses(p) if local_parent else ''}; give an existing "
+                         f"directory or a Hugging Face id like org/name")
+
+
+def _model_dir_hint(p: Path) -> str:
+    """What to pass instead of a directory without config.json: a run directory's checkpoint, or a model below."""
+    from gndpo.checkpoint import CHECKPOINTS_DIR, latest_checkpoint
+
+    if (p / CHECKPOINTS_DIR).is_dir() or (p / "run_config.yaml").is_file():
+        newest = latest_checkpoint(p)
+        where = (f"its newest checkpoint is {newest}" if newest is not None else
+                 "it holds no complete checkpoint yet")
+        return (f"it is a training run directory, not a model: {where} (a Hugging Face directory), or write a "
+                f"standalone model with gndpo export {p}")
+    if (p / "adapter_config.json").is_file():
+        return "it holds LoRA adapters only; gndpo export RUN_DIR --merge writes a full model"
+    below = sorted(c.parent for c in p.glob("*/config.json"))
+    if below:
+        return f"point it at a save_pretrained() directory, such as {below[0]}"
+    return "point it at a save_pretrained() directory"
+
+
+def _near_misses(p: Path) -> str:
+    import difflib
+
+    try:
+        names = sorted(c.name for c in p.parent.iterdir() if c.is_dir())
+    except OSError:
+        return ""
+    close = difflib.get_close_matches(p.name, names, n=2, cutoff=0.6)
+    if close:
+        return f" (did you mean {' or '.join(str(p.parent / c) for c in close)}?)"
+    return f" ({p.parent} holds {', '.join(names[:5])}{', ...' if len(names) > 5 else ''})" if names else \
+        f" ({p.parent} is empty)"
+
+
+_HUB_PROBE_TIMEOUT = 1.5  # seconds; a hub that answers slower than this is treated as unreachable
+
+
+@functools.lru_cache(maxsize=None)
+def hub_unreachable() -> str | None:
+    """None when the Hugging Face hub answers a HEAD request within ~1.5 s (through the user's proxy settings);
+    otherwise why not, in a few words (offline mode, no route, a timeout). Asked once per process."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
+
+    if getattr(constants, "is_offline_mode", lambda: constants.HF_HUB_OFFLINE)():
+        return "HF_HUB_OFFLINE is set"
+    try:
+        get_session().head(constants.ENDPOINT, timeout=_HUB_PROBE_TIMEOUT)
+    except Exception as exc:  # noqa: BLE001 - any failure to answer means "unreachable" here
+        return f"{constants.ENDPOINT} did not answer: {_first_line(exc)[:160]}"
+    return None
 
 
 def context_limit(config) -> int | None:
@@ -121,7 +181,10 @@ def load_model(path: str, *, what: str = "model", dtype: str = "auto", device: t
     vlm = is_vision_language(config)
     try:
         auto = AutoModelForImageTextToText if vlm else AutoModelForCausalLM
-        model = auto.from_pretrained(path, **kwargs)
+        offline = hub_kwargs(path)
+        if offline:  # transformers (5.25) asks the hub for a PEFT adapter without passing local_files_only on
+            offline = {**offline, "adapter_kwargs": dict(offline)}
+        model = auto.from_pretrained(path, **kwargs, **offline)
     except Exception as exc:
         raise ModelError(f"cannot load {what} from {path}: {_first_line(exc)}") from None
     processor = load_processor(path, what=what, trust_remote_code=trust_remote_code, config=config)
@@ -138,17 +201,41 @@ def config_dtype(config) -> str | None:
 
 
 def load_config(path: str, *, what: str = "model", trust_remote_code: bool = False):
-    """The model's config (hub id or local directory), or a one-line ModelError."""
+    """The model's config (hub id or local directory), or a one-line ModelError.
+
+    A hub id is read from the local Hugging Face cache first; the hub is asked only when it answers at all
+    (:func:`hub_unreachable`), so an unknown id fails in about a second with no retries, instead of after
+    huggingface_hub's half-minute of retries, and prints nothing but the error."""
     from transformers import AutoConfig
 
     _check_path(path, what)
+    if Path(path).expanduser().is_dir():
+        try:
+            return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        except Exception as exc:
+            raise ModelError(f"cannot read the {what} config in {path}: {_first_line(exc)}") from None
+    try:  # offline for this one call only: the cache answers without touching the network
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=True)
+    except Exception:  # noqa: BLE001 - not cached (or a cached copy that does not read): ask the hub below
+        pass
+    why = hub_unreachable()
+    if why is not None:
+        raise ModelError(f"{what} path not found: {path} is not a local directory, not in the Hugging Face cache, and "
+                         f"the hub is unreachable ({why}); check the path, or download the model where the hub is "
+                         f"reachable (hf download {path}) and pass its directory")
     try:
         return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as exc:
-        if Path(path).expanduser().is_dir():
-            raise ModelError(f"cannot read the {what} config in {path}: {_first_line(exc)}") from None
         raise ModelError(f"{what} path not found: {path} is not a local directory and could not be loaded from the "
                          f"Hugging Face hub ({_first_line(exc)})") from None
+
+
+def hub_kwargs(path: str) -> dict:
+    """``from_pretrained`` arguments for ``path`` after :func:`load_config` found it: a hub id whose hub does not
+    answer reads from the cache alone (no retries per file); anything else as usual."""
+    if Path(path).expanduser().is_dir() or hub_unreachable() is None:
+        return {}
+    return {"local_files_only": True}
 
 
 def load_processor(path: str, *, what: str = "model", trust_remote_code: bool = False, config=None):
@@ -159,7 +246,7 @@ def load_processor(path: str, *, what: str = "model", trust_remote_code: bool = 
     config = config if config is not None else load_config(path, what=what, trust_remote_code=trust_remote_code)
     try:
         auto = AutoProcessor if is_vision_language(config) else AutoTokenizer
-        processor = auto.from_pretrained(path, trust_remote_code=trust_remote_code)
+        processor = auto.from_pretrained(path, trust_remote_code=trust_remote_code, **hub_kwargs(path))
     except Exception as exc:
         raise ModelError(f"cannot load {what} from {path}: {_first_line(exc)}") from None
     tok = tokenizer_of(processor)
@@ -266,21 +353,44 @@ def compare_fingerprints(student: dict, teacher: dict) -> None:
         detail = "different contents"
         if "vocab" in s and "vocab" in t:
             sv, tv = s["vocab"], t["vocab"]
-            moved = sum(1 for k in set(sv) & set(tv) if sv[k] != tv[k])
-            detail = (f"{len(set(sv) - set(tv))} only in the student, {len(set(tv) - set(sv))} only in the teacher, "
-                      f"{moved} with different ids")
+            only_s, only_t = sorted(set(sv) - set(tv), key=sv.get), sorted(set(tv) - set(sv), key=tv.get)
+            moved = sorted((k for k in set(sv) & set(tv) if sv[k] != tv[k]), key=sv.get)
+            detail = ", ".join((_tokens(only_s, "only in the student", lambda k: f"{k!r} id {sv[k]}"),
+                                _tokens(only_t, "only in the teacher", lambda k: f"{k!r} id {tv[k]}"),
+                                _tokens(moved, "with different ids", lambda k: f"{k!r} {sv[k]} vs {tv[k]}")))
         raise ModelError(f"student and teacher vocabularies differ ({s['vocab_size']} vs {t['vocab_size']} tokens; "
                          f"{detail}); distillation needs the same tokenizer")
     if s["eos_token"] != t["eos_token"] or s["eos_token_id"] != t["eos_token_id"]:
-        raise ModelError(f"student and teacher EOS tokens differ ({s['eos_token']!r} vs {t['eos_token']!r})")
+        raise ModelError(f"student and teacher EOS tokens differ ({s['eos_token']!r} id {s['eos_token_id']} vs "
+                         f"{t['eos_token']!r} id {t['eos_token_id']}); distillation needs the same tokenizer")
     if s["special_tokens"] != t["special_tokens"]:
-        diff = sorted(set(s["special_tokens"].items()) ^ set(t["special_tokens"].items()))
-        raise ModelError(f"student and teacher special tokens differ (e.g. {diff[0][0]!r}); use the same tokenizer family")
+        ss, ts = s["special_tokens"], t["special_tokens"]
+        name = sorted(k for k in set(ss) | set(ts) if ss.get(k) != ts.get(k))[0]
+        side = lambda table: f"id {table[name]}" if name in table else "absent"  # noqa: E731
+        raise ModelError(f"student and teacher special tokens differ ({name!r}: {side(ss)} in the student, "
+                         f"{side(ts)} in the teacher); use the same tokenizer family")
     sp, tp = s["probe_prompt"], t["probe_prompt"]
     if sp != tp:
-        raise ModelError(f"student and teacher chat templates render a probe prompt differently ({sp[:60]!r}... vs {tp[:60]!r}...)")
+        at = next((i for i, (a, b) in enumerate(zip(sp, tp)) if a != b), min(len(sp), len(tp)))
+        start = max(0, at - 20)
+        raise ModelError(f"student and teacher chat templates render a probe prompt differently from character {at} "
+                         f"(...{sp[start:at + 30]!r} vs ...{tp[start:at + 30]!r}); use the same chat template")
     if s["probe_ids"] != t["probe_ids"]:
-        raise ModelError("student and teacher tokenize the same text differently (merges or normalization differ)")
+        si, ti = s["probe_ids"], t["probe_ids"]
+        at = next((i for i, (a, b) in enumerate(zip(si, ti)) if a != b), min(len(si), len(ti)))
+        pieces = ""
+        if "vocab" in s and "vocab" in t:
+            sn, tn = ({i: k for k, i in fp["vocab"].items()} for fp in (s, t))
+            pieces = (f": the student reads {[sn.get(i, i) for i in si[at:at + 3]]}, the teacher "
+                      f"{[tn.get(i, i) for i in ti[at:at + 3]]}")
+        raise ModelError(f"student and teacher tokenize the same text differently from token {at}{pieces} (merges or "
+                         f"normalization differ); distillation needs the same tokenizer")
+
+
+def _tokens(names: list, what: str, show, most: int = 3) -> str:
+    """``"2 only in the student (e.g. 'a' id 5, 'b' id 9)"``, or ``"0 only in the student"``."""
+    examples = f" (e.g. {', '.join(show(k) for k in names[:most])})" if names else ""
+    return f"{len(names)} {what}{examples}"
 
 
 def check_compatible(student_processor, teacher_processor) -> None:

