@@ -33,16 +33,6 @@ from pathlib import Path
 import torch
 
 
-def peak_allocated_bytes(prof) -> int:
-    events = sorted(((e.time_range.start if hasattr(e, "time_range") else 0, e.cpu_memory_usage)
-                     for e in prof.events() if e.cpu_memory_usage), key=lambda x: x[0])
-    running = peak = 0
-    for _, nbytes in events:
-        running += nbytes
-        peak = max(peak, running)
-    return peak
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=None, help="text and vision layers (default: the real 28/24)")
@@ -64,7 +54,7 @@ def main() -> None:
     from gndpo.forward import prompt_lengths
     from gndpo.lab.shapes import save_random_model
     from gndpo.models import load_processor
-    from gndpo.plan import GIB, build_plan, format_plan
+    from gndpo.plan import GIB, build_plan, format_plan, measured_peak_bytes
     from gndpo.train import train
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -95,7 +85,7 @@ def main() -> None:
         plan = build_plan(cfg)
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             train(cfg)
-        measured = peak_allocated_bytes(prof)
+        measured = measured_peak_bytes(prof)
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         steps = [json.loads(line) for line in open(root / "run" / "metrics.jsonl")]
 

@@ -19,7 +19,7 @@ from gndpo.cli import main
 from gndpo.config import LoraConfig, load_config
 from gndpo.errors import ConfigError
 from gndpo.lab.shapes import SIZES, internvl3_5_config, write_config_dirs
-from gndpo.plan import GIB, build_plan, format_count, format_plan, model_shape, parse_memory
+from gndpo.plan import GIB, build_plan, format_count, format_plan, measured_peak_bytes, model_shape, parse_memory
 
 PRESET_4B = "configs/paper/internvl3_5-4b-gndpo.yaml"
 PRESET_1B = "configs/paper/internvl3_5-1b-gndpo.yaml"
@@ -266,16 +266,6 @@ def test_plan_unavailable_and_cli_errors(internvl_dirs, capsys, monkeypatch):
 # ---------------------------------------------------------------- against a measured peak
 
 
-def peak_allocated_bytes(prof) -> int:
-    """Peak of the running sum of every CPU allocation and free the profiler recorded, in time order."""
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
-    running = peak = 0
-    for _, nbytes in events:
-        running += nbytes
-        peak = max(peak, running)
-    return peak
-
-
 @pytest.mark.parametrize("checkpointing,compute", [(False, "float32"), (True, "float32"), (False, "bfloat16"),
                                                    (True, "bfloat16")])
 def test_estimate_matches_the_measured_peak_of_a_tiny_run(tmp_path, checkpointing, compute):
@@ -318,7 +308,7 @@ def test_estimate_matches_the_measured_peak_of_a_tiny_run(tmp_path, checkpointin
     # tensor memory held at once.
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         train(cfg)
-    measured = peak_allocated_bytes(prof)
+    measured = measured_peak_bytes(prof)
     ratio = plan.peak_bytes / measured
     print(f"checkpointing={checkpointing}, compute {compute}: estimate {plan.peak_bytes:,} B ({plan.peak_phase}), "
           f"measured {measured:,} B, ratio {ratio:.3f}")

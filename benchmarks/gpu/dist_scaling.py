@@ -71,7 +71,8 @@ def run(gpus: int, student: Path, teacher: Path, data: Path, out: Path, opts) ->
     free = port.getsockname()[1]
     port.close()
     args = [f"model.path={student}", f"teacher.path={teacher}", f"data.train={data}", "data.image_key=null",
-            "model.dtype=bfloat16", "teacher.dtype=bfloat16", "model.gradient_checkpointing=true",
+            "model.dtype=float32", "model.compute_dtype=bfloat16", "teacher.dtype=bfloat16",
+            "model.gradient_checkpointing=true",
             "rollout.n=16", f"rollout.max_new_tokens={opts.tokens}", f"rollout.min_new_tokens={opts.tokens}",
             "rollout.micro_batch_size=64", f"trainer.prompts_per_step={opts.prompts}", "trainer.micro_batch_size=8",
             "teacher.micro_batch_size=16", f"trainer.total_steps={opts.steps}", "trainer.device=cuda",

@@ -299,7 +299,8 @@ def part_train(spec: dict, a: dict) -> dict:
     used = []
     cfg = load_config(None, [
         f"model.path={a['student']}", f"teacher.path={a['teacher']}", f"data.train={a['data']}", "data.image_key=null",
-        "model.dtype=bfloat16", "teacher.dtype=bfloat16", "algorithm.method=gndpo", "rollout.backend=vllm",
+        "model.dtype=float32", "model.compute_dtype=bfloat16", "teacher.dtype=bfloat16", "algorithm.method=gndpo",
+        "rollout.backend=vllm",
         "teacher.backend=vllm", f"rollout.n={w['n']}", f"rollout.max_new_tokens={w['new_tokens']}",
         f"rollout.min_new_tokens={w['new_tokens']}", "rollout.vllm.max_model_len=2048",
         "teacher.vllm.max_model_len=2048", f"rollout.vllm.gpu_memory_utilization={MEMORY['student']}",

@@ -507,6 +507,18 @@ def build_plan(cfg: RunConfig, *, world_size: int = 1, shard: str = "none", shar
                         gpu_memory_bytes=gpu_memory, warnings=tuple(warnings))
 
 
+def measured_peak_bytes(prof) -> int:
+    """The peak tensor memory of a run recorded by ``torch.profiler.profile(profile_memory=True)`` on the CPU: the
+    peak of the running sum of every allocation and free, in time order (weights loaded inside the profile
+    included). What :func:`build_plan` estimates, for checking it (tests/test_plan.py, bench_real_shapes.py)."""
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    running = peak = 0
+    for _, nbytes in events:
+        running += nbytes
+        peak = max(peak, running)
+    return peak
+
+
 def _advice(phase: str, shard: str) -> str:
     knobs = {
         "rollout": "lower rollout.micro_batch_size (sequences decoded together) or rollout.max_new_tokens",
