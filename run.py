@@ -127,12 +127,12 @@ def ensure_verl_venv() -> Path:
     if stamp.exists() and stamp.read_text() == key:
         return _python(VERL_VENV)
     if not _python(VERL_VENV).exists():
-        print(f"creating the verl tier's virtualenv in {VERL_VENV} (first run only, ~2 minutes)", flush=True)
+        print(f"creating the verl tier's virtualenv in {VERL_VENV} (first run only, ~4 minutes)", flush=True)
         venv.EnvBuilder(with_pip=True).create(VERL_VENV)
     c = ("-c", str(VERL_CONSTRAINTS))
     _pip("-q", *c, "torch", venv_dir=VERL_VENV)
-    _pip("-q", *c, "--no-deps", *VERL_NO_DEPS, venv_dir=VERL_VENV)
     _pip("-q", *c, "-r", str(VERL_REQUIREMENTS), venv_dir=VERL_VENV)
+    _pip("-q", *c, "--no-deps", *VERL_NO_DEPS, venv_dir=VERL_VENV)  # last: pip then reports no unmet requirement
     _pip("-q", "--no-deps", "-e", str(ROOT), venv_dir=VERL_VENV)
     stamp.write_text(key)
     return _python(VERL_VENV)
