@@ -183,7 +183,8 @@ def test_shipped_config_composes_with_verls_own_and_selects_gndpo():
     assert (actor.ppo_mini_batch_size, actor.ppo_epochs, actor.optim.lr) == (cfg.data.train_batch_size, 1, 1e-6)
     distillation = omega_conf_to_dataclass(cfg.distillation)  # verl's checks of the teacher pool and loss
     assert distillation.enabled and distillation.distillation_loss.loss_settings.use_estimator  # sampled token's lp
-    assert distillation.distillation_loss.use_task_rewards and distillation.distillation_loss.distillation_loss_coef == 0
+    loss = distillation.distillation_loss
+    assert loss.use_task_rewards and loss.distillation_loss_coef == 0  # the actor trains on the driver's advantages
     assert cfg.algorithm.gndpo.clamp == 5.0 and not cfg.algorithm.use_kl_in_reward
     opd = shipped_config("algorithm.adv_estimator=gndpo_opd")
     assert get_adv_estimator_fn(opd.algorithm.adv_estimator) is plugin.compute_opd_advantage

@@ -78,7 +78,8 @@ class GNDPOTrainer(PPOTrainerSync):
         name = config.algorithm.adv_estimator
         if name not in ESTIMATORS:
             raise ValueError(f"trainer_mode {TRAINER!r} feeds the distillation reward to algorithm.adv_estimator "
-                             f"{' or '.join(sorted(ESTIMATORS))}, got {name!r}; set one of them, or another trainer_mode")
+                             f"{' or '.join(sorted(ESTIMATORS))}, got {name!r}; set one of them, or another "
+                             "trainer_mode")
         estimator_options(config.algorithm)  # a bad algorithm.gndpo fails here, before any model loads
         super().__init__(config)
 
@@ -99,7 +100,8 @@ class GNDPOTrainer(PPOTrainerSync):
         mask = data["response_mask"].to_padded_tensor(0)  # (B, R)
         ratio = log_ratio.to_padded_tensor(0.0)  # (B, R)
         options = {k: v for k, v in estimator_options(self.config.algorithm).items() if k != "scope"}
-        _, stats = compute_advantages(ESTIMATORS[name], teacher_logprobs=ratio, student_logprobs=torch.zeros_like(ratio),
-                                      response_mask=mask, scope="none", **options)
+        _, stats = compute_advantages(ESTIMATORS[name], teacher_logprobs=ratio,
+                                      student_logprobs=torch.zeros_like(ratio), response_mask=mask, scope="none",
+                                      **options)
         metrics.update({f"gndpo/{k}": v for k, v in stats.items() if not k.startswith("adv_")})
         return batch
