@@ -7,7 +7,7 @@ output may carry (B, T) advantages, which ``GRPOTrainer``'s loss accepts "to sup
 is TRL's, unchanged; both models are scored by GRPOTrainer's own ``_get_per_token_logps_and_entropies`` (as its
 loss and reference model are), the teacher through TRL's public ``add_fused_lm_head``.
 
-Exactness. TRL 1.16 has no GSPO-token loss (``trl.experimental.gspo_token`` is gone, trl #7331). It needs none in
+Exactness. TRL 1.16 has no GSPO-token loss (no ``trl.experimental.gspo_token``; trl #7331). It needs none in
 the paper's regime, one optimizer step per generation batch: every optimizer step then sees fresh samples, TRL's
 old log-probs are the current ones detached, so TRL's token ratio and GSPO-token's ratio are both exactly 1, nothing
 clips, and both losses have the value -A and the gradient -A * d log p per token. With ``loss_type`` "grpo" (the
@@ -109,7 +109,9 @@ class GNDPOTrainer(GRPOTrainer):
     def _generate_and_score_completions(self, inputs):
         output = super()._generate_and_score_completions(inputs)
         with torch.no_grad():
-            student = self._completion_logprobs(self.model, output)  # (B, C), at TRL's temperature
+            student = output.get("old_per_token_logps")  # (B, C): TRL computed it already when it uses vLLM
+            if student is None:
+                student = self._completion_logprobs(self.model, output)  # (B, C), at TRL's temperature
             teacher = self._completion_logprobs(self.teacher_model, output)  # (B, C), at temperature 1
         mask = output["completion_mask"]  # (B, C)
         if "tool_mask" in output:
