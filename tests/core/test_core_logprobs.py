@@ -172,3 +172,56 @@ def test_masked_mean_ignores_padding_values():
     mask = torch.tensor([[1, 1, 0], [1, 0, 0], [0, 0, 0]])
     assert masked_mean(x, mask).item() == pytest.approx(3.0)
     torch.testing.assert_close(masked_mean(x, mask, dim=-1), torch.tensor([1.5, 6.0, 0.0]))
+
+
+# ---------------------------------------------------------------- top-k: gathered ids, the tail, a teacher's top-k
+
+
+def _dense_stats(hidden, weight, ids, gather):
+    logp = torch.log_softmax(hidden @ weight.t(), -1)  # (N, V)
+    outside = logp.scatter(1, gather, float("-inf"))
+    return logp.gather(1, ids[:, None])[:, 0], logp.gather(1, gather), torch.logsumexp(outside, 1)
+
+
+def test_gathered_ids_and_rest_equal_a_full_softmax_and_their_gradients_check():
+    from gndpo.core.logprobs import hidden_token_stats
+
+    torch.manual_seed(0)
+    N, H, V, K = 7, 5, 13, 3
+    hidden = torch.randn(N, H, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(V, H, dtype=torch.float64, requires_grad=True)
+    ids = torch.randint(0, V, (N,))
+    gather = torch.stack([torch.randperm(V)[:K] for _ in range(N)])  # distinct per row
+    stats = hidden_token_stats(hidden, weight, ids, gather=gather, topk=4, chunk_size=3)
+    lp, gathered, rest = _dense_stats(hidden, weight, ids, gather)
+    torch.testing.assert_close(stats.logprobs, lp)
+    torch.testing.assert_close(stats.gathered, gathered)
+    torch.testing.assert_close(stats.rest, rest)
+    # the buckets are a distribution: the K gathered probabilities and the rest sum to 1 wherever ids fall
+    torch.testing.assert_close(stats.gathered.exp().sum(1) + stats.rest.exp(), torch.ones(N, dtype=torch.float64))
+    full = torch.log_softmax(hidden @ weight.t(), -1).detach()
+    top_lp, top_ids = full.topk(4, dim=1)
+    torch.testing.assert_close(stats.topk_logprobs, top_lp) and torch.testing.assert_close(stats.topk_ids, top_ids)
+
+    def fn(h, w):
+        s = hidden_token_stats(h, w, ids, gather=gather, chunk_size=3)
+        return s.logprobs, s.gathered, s.rest
+
+    assert torch.autograd.gradcheck(fn, (hidden, weight))
+    # one output at a time (the others' gradients arrive as None)
+    for pick in range(3):
+        assert torch.autograd.gradcheck(lambda h, w, i=pick: fn(h, w)[i], (hidden, weight))
+
+
+def test_topk_on_a_batch_shape_and_without_gather():
+    from gndpo.core.logprobs import hidden_token_stats
+
+    torch.manual_seed(1)
+    hidden, weight = torch.randn(2, 3, 4), torch.randn(9, 4)
+    ids = torch.randint(0, 9, (2, 3))
+    stats = hidden_token_stats(hidden, weight, ids, topk=2)
+    assert stats.gathered is None and stats.rest is None and stats.topk_ids.shape == (2, 3, 2)
+    full = torch.log_softmax(hidden @ weight.t(), -1)
+    torch.testing.assert_close(stats.topk_logprobs, full.topk(2, -1).values)
+    with pytest.raises(ValueError, match="topk must be in"):
+        hidden_token_stats(hidden, weight, ids, topk=10)

@@ -23,6 +23,8 @@ code, arXiv 2606.09091) with the same values; only the memory schedule differs.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 # Chunks of at most this many float32 logits (128 MiB) when ``chunk_size`` is None.
@@ -164,7 +166,12 @@ def token_logprobs_and_entropy(
 
 
 class _HiddenLogprobs(torch.autograd.Function):
-    """(hidden (N, H), weight (V, H), bias (V,) | None, ids (N,)) -> log p(ids) (N,), entropy (N,).
+    """(hidden (N, H), weight (V, H), bias (V,) | None, ids (N,), gather (N, K) | None) ->
+    log p(ids) (N,), entropy (N,), log p(gather) (N, K), log p(rest) (N,), top-k log p (N, k), top-k ids (N, k).
+
+    ``rest`` is the log of the probability mass outside ``gather`` (the tail bucket of a top-k divergence);
+    ``gather`` ids of a row must be distinct. The top-k outputs (the distribution's own most likely tokens) are
+    for a teacher: not differentiable, as the entropy. Differentiable: log p(ids), log p(gather), log p(rest).
 
     Each chunk's logits are computed in the weight's dtype, exactly as the model's LM head would
     (so bf16 results match ``lm_head(h).float()``), then upcast for the softmax statistics.
@@ -178,13 +185,18 @@ class _HiddenLogprobs(torch.autograd.Function):
         return z if bias is None else z.add_(bias)
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, ids, chunk_size, temperature, need_ent):
+    def forward(ctx, hidden, weight, bias, ids, gather, chunk_size, temperature, need_ent, topk):
         n, vocab = hidden.shape[0], weight.shape[0]
         dtype = _compute_dtype(weight.dtype)
         bounds = _chunk_bounds(n, vocab, chunk_size)
         rows = bounds[0][1] if bounds else 0
         lp = torch.empty(n, dtype=dtype, device=hidden.device)  # (N,)
         ent = torch.zeros(n, dtype=dtype, device=hidden.device)  # (N,), left at 0 unless need_ent
+        k = 0 if gather is None else gather.shape[1]
+        gathered = torch.empty(n, k, dtype=dtype, device=hidden.device)  # (N, K)
+        rest = torch.zeros(n, dtype=dtype, device=hidden.device)  # (N,)
+        top_lp = torch.empty(n, topk, dtype=dtype, device=hidden.device)  # (N, k)
+        top_ids = torch.empty(n, topk, dtype=torch.long, device=hidden.device)  # (N, k)
         scratch = _Scratch(rows, vocab, dtype, hidden.device)
         zbuf = scratch.b if weight.dtype == dtype else torch.empty_like(scratch.b, dtype=weight.dtype)
         with torch.autocast(hidden.device.type, enabled=False):
@@ -192,17 +204,24 @@ class _HiddenLogprobs(torch.autograd.Function):
                 z = _HiddenLogprobs._logits(hidden[s:e], weight, bias, zbuf)  # (C, V)
                 logp, buf = scratch.log_softmax(z, temperature)  # (C, V), (C, V)
                 lp[s:e] = logp.gather(1, ids[s:e, None]).squeeze(1)
+                if topk:
+                    top_lp[s:e], top_ids[s:e] = logp.topk(topk, dim=1)
+                if k:
+                    gathered[s:e] = logp.gather(1, gather[s:e])
+                    outside = buf.copy_(logp).scatter_(1, gather[s:e], float("-inf"))  # (C, V)
+                    rest[s:e] = torch.logsumexp(outside, dim=1)
                 if need_ent:
                     ent[s:e] = _entropy_(logp, buf)
-        ctx.save_for_backward(hidden, weight, bias, ids)
+        ctx.save_for_backward(hidden, weight, bias, ids, gather, rest)
         ctx.chunk_size, ctx.temperature = chunk_size, temperature
-        ctx.mark_non_differentiable(ent)
-        return lp, ent
+        ctx.mark_non_differentiable(ent, top_lp, top_ids)
+        ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None: skip its work
+        return lp, ent, gathered, rest, top_lp, top_ids
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, g_lp, _g_ent):
-        hidden, weight, bias, ids = ctx.saved_tensors
+    def backward(ctx, g_lp, _g_ent, g_gath, g_rest, _g_top, _g_ids):
+        hidden, weight, bias, ids, gather, rest = ctx.saved_tensors
         n, vocab = hidden.shape[0], weight.shape[0]
         dtype = _compute_dtype(weight.dtype)
         tau = ctx.temperature
@@ -216,13 +235,28 @@ class _HiddenLogprobs(torch.autograd.Function):
         # Accumulated over chunks in float32: summing many bf16 partial products would lose bits.
         grad_w = torch.zeros(weight.shape, dtype=dtype, device=weight.device) if need_w else None  # (V, H)
         grad_b = torch.zeros(vocab, dtype=dtype, device=weight.device) if need_b else None  # (V,)
+        if gather is None or gather.shape[1] == 0:
+            g_gath = g_rest = None
+        zeros = torch.zeros(n, dtype=dtype, device=hidden.device)
         with torch.autocast(hidden.device.type, enabled=False):
             for s, e in bounds:
-                g = g_lp[s:e, None].to(dtype)  # (C, 1)
+                g = (g_lp[s:e] if g_lp is not None else zeros[s:e]).to(dtype)  # (C,)
+                total = g.clone()  # (C,) sum of the upstream gradients: the -p term's weight
+                if g_gath is not None:
+                    total += g_gath[s:e].to(dtype).sum(1)
+                if g_rest is not None:
+                    total += g_rest[s:e].to(dtype)
                 z = _HiddenLogprobs._logits(hidden[s:e], weight, bias, zbuf)  # (C, V)
-                dz, _ = scratch.log_softmax(z, tau)  # (C, V), log p for now
-                dz.exp_().mul_(-g)  # -p * g
-                dz.scatter_add_(1, ids[s:e, None], g)  # (onehot - p) * g
+                dz, p = scratch.log_softmax(z, tau)  # (C, V) log p; (C, V) free once z is consumed
+                if g_rest is not None:  # d log p(rest) / dz = p restricted to the rest, renormalized, - p
+                    torch.exp(dz, out=p)
+                    dz.sub_(rest[s:e, None]).exp_().scatter_(1, gather[s:e], 0.0).mul_(g_rest[s:e, None].to(dtype))
+                    dz.sub_(p.mul_(total[:, None]))
+                else:
+                    dz.exp_().mul_(-total[:, None])  # -p * (sum of upstream gradients)
+                dz.scatter_add_(1, ids[s:e, None], g[:, None])  # + onehot(ids) * g
+                if g_gath is not None:
+                    dz.scatter_add_(1, gather[s:e], g_gath[s:e].to(dtype))  # + onehot(gather) * g_gather
                 if tau != 1.0:
                     dz /= tau
                 if need_h:
@@ -233,7 +267,68 @@ class _HiddenLogprobs(torch.autograd.Function):
                     grad_b += dz.sum(0)
         grad_w = None if grad_w is None else grad_w.to(weight.dtype)
         grad_b = None if grad_b is None else grad_b.to(bias.dtype)
-        return grad_h, grad_w, grad_b, None, None, None, None
+        return grad_h, grad_w, grad_b, None, None, None, None, None, None
+
+
+@dataclass(frozen=True)
+class TokenStats:
+    """Per-token statistics of the response positions, shaped like the ids they score (e.g. (B, L)).
+
+    ``logprobs``: log p of the scored ids. ``entropy``: or None. ``gathered`` (B, L, K) and ``rest`` (B, L):
+    log p of each id in ``gather`` and of the mass outside them (the tail bucket), or None. ``topk_logprobs`` /
+    ``topk_ids`` (B, L, k): the distribution's own k most likely tokens, descending, or None."""
+
+    logprobs: torch.Tensor
+    entropy: torch.Tensor | None = None
+    gathered: torch.Tensor | None = None
+    rest: torch.Tensor | None = None
+    topk_logprobs: torch.Tensor | None = None
+    topk_ids: torch.Tensor | None = None
+
+
+def hidden_token_stats(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    ids: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    chunk_size: int = 1024,
+    with_entropy: bool = False,
+    gather: torch.Tensor | None = None,
+    topk: int = 0,
+) -> TokenStats:
+    """:class:`TokenStats` of ``softmax((hidden @ weight.T + bias) / temperature)`` without full logits.
+
+    hidden (N, H) or (B, L, H); weight (V, H); ids (N,) or (B, L); ``gather`` (N, K) or (B, L, K) distinct ids
+    per position (a teacher's top-k, scored under this distribution with its tail). Differentiable w.r.t.
+    hidden, weight and bias: logprobs, gathered, rest. Peak extra memory is a few ``[chunk_size, V]`` float32
+    buffers in forward and in backward, plus a float32 ``[V, H]`` weight-gradient accumulator in backward. Under
+    ``torch.autocast`` a wider weight is cast to the autocast dtype first (a copy of it), so the head computes
+    in that dtype as a ``Linear`` would.
+    """
+    if hidden.shape[:-1] != ids.shape:
+        raise ValueError(f"hidden {tuple(hidden.shape)} and ids {tuple(ids.shape)} disagree on the token dims")
+    if weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"weight {tuple(weight.shape)} does not match hidden size {hidden.shape[-1]}")
+    if gather is not None and gather.shape[:-1] != ids.shape:
+        raise ValueError(f"gather {tuple(gather.shape)} and ids {tuple(ids.shape)} disagree on the token dims")
+    if not 0 <= topk <= weight.shape[0]:
+        raise ValueError(f"topk must be in [0, {weight.shape[0]}] (the vocabulary), got {topk}")
+    device = hidden.device.type
+    if torch.is_autocast_enabled(device):  # mixed precision: the head computes in the autocast dtype, as a Linear
+        low = torch.get_autocast_dtype(device)
+        if weight.dtype.itemsize > low.itemsize:  # (the cast's backward returns the gradient in the weight's dtype)
+            weight, bias = weight.to(low), None if bias is None else bias.to(low)
+    flat_h = hidden.reshape(-1, hidden.shape[-1])  # (N, H)
+    flat_ids = ids.reshape(-1).long()  # (N,)
+    flat_gather = None if gather is None else gather.reshape(-1, gather.shape[-1]).long()  # (N, K)
+    lp, ent, gathered, rest, top_lp, top_ids = _HiddenLogprobs.apply(
+        flat_h, weight, bias, flat_ids, flat_gather, chunk_size, float(temperature), with_entropy, topk)
+    shape = ids.shape
+    return TokenStats(lp.view(shape), ent.view(shape) if with_entropy else None,
+                      None if gather is None else gathered.view(*shape, -1), None if gather is None else rest.view(shape),
+                      top_lp.view(*shape, topk) if topk else None, top_ids.view(*shape, topk) if topk else None)
 
 
 def hidden_logprobs(
@@ -246,27 +341,11 @@ def hidden_logprobs(
     chunk_size: int = 1024,
     with_entropy: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Log-probs of ``ids`` under ``softmax((hidden @ weight.T + bias) / temperature)`` without full logits.
-
-    hidden (N, H) or (B, L, H); weight (V, H); ids (N,) or (B, L). Returns (logprobs shaped like ids,
-    differentiable w.r.t. hidden, weight and bias; entropy shaped like ids, detached, or None).
-    Peak extra memory is a few ``[chunk_size, V]`` float32 buffers in forward and in backward, plus a
-    float32 ``[V, H]`` weight-gradient accumulator in backward. Under ``torch.autocast`` a wider weight is cast
-    to the autocast dtype first (a copy of it), so the head computes in that dtype as a ``Linear`` would.
-    """
-    if hidden.shape[:-1] != ids.shape:
-        raise ValueError(f"hidden {tuple(hidden.shape)} and ids {tuple(ids.shape)} disagree on the token dims")
-    if weight.shape[1] != hidden.shape[-1]:
-        raise ValueError(f"weight {tuple(weight.shape)} does not match hidden size {hidden.shape[-1]}")
-    device = hidden.device.type
-    if torch.is_autocast_enabled(device):  # mixed precision: the head computes in the autocast dtype, as a Linear
-        low = torch.get_autocast_dtype(device)
-        if weight.dtype.itemsize > low.itemsize:  # (the cast's backward returns the gradient in the weight's dtype)
-            weight, bias = weight.to(low), None if bias is None else bias.to(low)
-    flat_h = hidden.reshape(-1, hidden.shape[-1])  # (N, H)
-    flat_ids = ids.reshape(-1).long()  # (N,)
-    lp, ent = _HiddenLogprobs.apply(flat_h, weight, bias, flat_ids, chunk_size, float(temperature), with_entropy)
-    return lp.view(ids.shape), ent.view(ids.shape) if with_entropy else None
+    """Log-probs of ``ids`` under ``softmax((hidden @ weight.T + bias) / temperature)`` without full logits, and
+    the entropy (detached) when asked: :func:`hidden_token_stats`'s first two."""
+    stats = hidden_token_stats(hidden, weight, ids, bias=bias, temperature=temperature, chunk_size=chunk_size,
+                               with_entropy=with_entropy)
+    return stats.logprobs, stats.entropy
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
