@@ -168,7 +168,7 @@ def compare(pair: str, work: dict, repeats: int, workdir: Path) -> dict:
                prompt_tokens=statistics.median(ro["hf"].prompt_lengths.tolist()), rollout=out_rollout)
 
     h_teach = HFTeacher(teacher.model, teacher.processor, suffix=suffix, micro_batch_size=work["micro_batch"])
-    scores = {"vllm": v_teach.score(ro["vllm"]), "hf": h_teach.score(ro["vllm"])}
+    scores = {"vllm": v_teach.score(ro["vllm"]).logprobs, "hf": h_teach.score(ro["vllm"]).logprobs}
     diff = float((scores["vllm"] - scores["hf"]).abs()[ro["vllm"].response_mask].max())
     assert diff <= TOLERANCE, (pair, "teacher", diff)
     out["teacher"] = dict(diff=diff, prompts=work["prompts"], times=interleaved({

@@ -161,8 +161,8 @@ def test_sampler_old_logprobs_skip_the_recompute_pass(tiny_dir, tmp_path, monkey
     import gndpo.train
 
     calls = []
-    real = gndpo.train.rollout_logprobs
-    monkeypatch.setattr(gndpo.train, "rollout_logprobs", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = gndpo.train.rollout_stats
+    monkeypatch.setattr(gndpo.train, "rollout_stats", lambda *a, **k: calls.append(1) or real(*a, **k))
     seen = {}
     for mode in ("recompute", "sampler"):
         calls.clear()
@@ -187,8 +187,8 @@ def test_sampler_old_logprobs_fall_back_to_recompute(tiny_dir, tmp_path, monkeyp
 
     monkeypatch.setattr(gndpo.rollout.hf, "supports_decode_loop", lambda model, inputs=None: False)
     calls = []
-    real = gndpo.train.rollout_logprobs
-    monkeypatch.setattr(gndpo.train, "rollout_logprobs", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = gndpo.train.rollout_stats
+    monkeypatch.setattr(gndpo.train, "rollout_stats", lambda *a, **k: calls.append(1) or real(*a, **k))
     recs = []
     with caplog.at_level("WARNING"):
         train(make_cfg(tiny_dir, tmp_path / "run", steps=2, extra=["algorithm.old_logprobs=sampler"]),

@@ -132,7 +132,7 @@ def check_one_process(work: dict) -> None:
     plan = build_plan(cfg)
     mem = PhaseMemory(work["cuda"])
     mem.wrap(HFRollout, "generate", "rollout")
-    mem.wrap(train_mod, "rollout_logprobs", "old log-probs")
+    mem.wrap(train_mod, "rollout_stats", "old log-probs")
     mem.wrap(HFTeacher, "score", "teacher scoring")
     mem.wrap(train_mod, "update_policy", "update")
     start = time.perf_counter()
@@ -204,7 +204,7 @@ def check_fsdp(work: dict) -> None:
         ids = torch.randint(0, 1000, (4, R), device=work["device"])
         mask = torch.ones(4, R, dtype=torch.bool, device=work["device"])
         before = {n: p.full_tensor().detach().clone() for n, p in list(model.named_parameters())[:4]}
-        lp, _ = scorer(inputs, ids, mask, prompt_index=rows)
+        lp = scorer(inputs, ids, mask, prompt_index=rows).logprobs
         lp.mean().backward()
         norm = clip_grad_norm([p for p in scorer.parameters() if p.grad is not None], 1.0, DistContext())
         grads = {str(p.grad.to_local().dtype) for p in model.parameters() if p.grad is not None}
@@ -320,13 +320,13 @@ def check_vllm(work: dict) -> None:
         sampler.close()
     hf_t = HFTeacher(load_model(work["teacher"], dtype=work["compute"], device=work["device"]).model, loaded.processor,
                      suffix=None, micro_batch_size=4)
-    theirs = hf_t.score(teacher_ro)
+    theirs = hf_t.score(teacher_ro).logprobs
     del hf_t
     t_options = EngineOptions(dtype=work["compute"], max_model_len=length, gpu_memory_utilization=0.3,
                               enforce_eager=True, max_images=1)
     teacher = VLLMTeacher(work["teacher"], loaded.processor, options=t_options, suffix=None, micro_batch_size=8)
     try:
-        ours = teacher.score(teacher_ro)
+        ours = teacher.score(teacher_ro).logprobs
     finally:
         teacher.close()
     mask = teacher_ro.response_mask

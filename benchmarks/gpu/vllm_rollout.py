@@ -271,7 +271,7 @@ def part_teacher(spec: dict, a: dict) -> dict:
                                           gpu_memory_utilization=MEMORY["teacher"]))
     out = dict(vllm_engine_gib=device_used_gib() - before, vllm_kv_tokens=kv_cache_tokens(v.llm))
     h = HFTeacher(teacher.model, teacher.processor, suffix=PAPER_SUFFIX, micro_batch_size=w["micro_batch"])
-    out["gap"] = mean_gap(v.score(ro), h.score(ro), ro.response_mask)  # also the warm-up
+    out["gap"] = mean_gap(v.score(ro).logprobs, h.score(ro).logprobs, ro.response_mask)  # also the warm-up
     assert out["gap"][0] <= TOLERANCE, ("teacher", out["gap"])
     times, peak = {"vllm": [], "hf": []}, []
     for r in range(spec["repeats"]):

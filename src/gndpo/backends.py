@@ -67,6 +67,7 @@ def build_teacher(cfg: RunConfig, student_processor, *, suffix: str | None, reco
     torchrun each rank scores its own share: with a full copy of an hf teacher, or its shard
     (``dist.shard_teacher``)."""
     te = cfg.teacher
+    topk = cfg.algorithm.topk if cfg.algorithm.distill == "topk" else 0  # the teacher's top-k at every position
     if te.backend == "server":
         from gndpo.teacher.client import ServerTeacher
 
@@ -87,7 +88,7 @@ def build_teacher(cfg: RunConfig, student_processor, *, suffix: str | None, reco
                                  dtype=te.dtype, device=device, records=records, extra_tokens=1, dist=dist,
                                  section="teacher.vllm")
         return VLLMTeacher(te.path, processor, options=options, suffix=suffix, system_prompt=cfg.data.system_prompt,
-                           micro_batch_size=te.micro_batch_size)
+                           micro_batch_size=te.micro_batch_size, topk=topk)
     from gndpo.teacher.hf import HFTeacher
 
     loaded = load_model(te.path, what="teacher", dtype=te.dtype, device=device, trust_remote_code=te.trust_remote_code,
@@ -104,7 +105,7 @@ def build_teacher(cfg: RunConfig, student_processor, *, suffix: str | None, reco
         model = ResponseScorer(model)
         apply_fsdp(model, loaded.model)
     return HFTeacher(model, loaded.processor, suffix=suffix, system_prompt=cfg.data.system_prompt,
-                     micro_batch_size=te.micro_batch_size)
+                     micro_batch_size=te.micro_batch_size, topk=topk)
 
 
 def engine_options(cfg: RunConfig, v, processor, *, path: str, trust_remote_code: bool, dtype: str, device,

@@ -182,6 +182,19 @@ class AlgorithmConfig:
                            choices=("recompute", "sampler"))
     epochs: int = _f(1, "Passes over each rollout batch.")
     mini_batches: int = _f(1, "Optimizer steps per rollout batch and epoch (paper: 1).")
+    distill: str = _f("sampled", "What the teacher's signal is made of (distillation methods): sampled = the "
+                      "log-ratio of the sampled token (the paper); topk = a divergence between the teacher's and "
+                      "the student's distributions over the teacher's top-k tokens plus a tail bucket at every "
+                      "position.", choices=("sampled", "topk"))
+    topk: int = _f(20, "algorithm.distill=topk: K, the teacher's most likely tokens compared at each position.")
+    divergence: str = _f("reverse_kl", "algorithm.distill=topk: forward_kl = KL(teacher || student), reverse_kl = "
+                         "KL(student || teacher), jsd = generalized Jensen-Shannon (algorithm.jsd_beta).",
+                         choices=("forward_kl", "reverse_kl", "jsd"))
+    jsd_beta: float = _f(0.5, "algorithm.divergence=jsd: the mixture weight of the teacher, 0 < beta < 1.")
+    dense_mode: str = _f("loss", "algorithm.distill=topk: loss = minimize the divergence directly (a supervised "
+                         "per-token loss on the student's logits, aggregated by loss_agg_mode); reward = its "
+                         "negative is the per-token reward, clamped, normalized as the method's (gndpo: over the "
+                         "batch, scope honoured) and the advantage of the policy loss.", choices=("loss", "reward"))
 
 
 @dataclass
@@ -392,6 +405,20 @@ def validate(cfg: RunConfig) -> RunConfig:
     _check(a.mini_batches >= 1, "algorithm.mini_batches must be >= 1")
     if a.scope == "group" and a.advantage not in DISTILLATION_ESTIMATORS:
         raise ConfigError("algorithm.scope applies to distillation estimators (gndpo, opd) only")
+    if a.distill == "topk":
+        _check(a.advantage in DISTILLATION_ESTIMATORS,
+               f"algorithm.distill=topk compares the student with a teacher, which algorithm.method={a.method} "
+               f"(advantage {a.advantage}) has none; use algorithm.method=gndpo or opd")
+        _check(a.topk >= 1, f"algorithm.topk={a.topk} must be >= 1 with algorithm.distill=topk")
+        _check(a.divergence != "jsd" or 0 < a.jsd_beta < 1,
+               f"algorithm.jsd_beta={a.jsd_beta} must be in (0, 1); its limits are forward_kl (teacher side) and "
+               "reverse_kl")
+        _check(cfg.teacher.backend != "server",
+               "algorithm.distill=topk needs the teacher's top-k, which teacher.backend=server does not send yet; use "
+               "teacher.backend=hf or vllm")
+        _check(a.dense_mode == "loss" or a.old_logprobs == "recompute",
+               "algorithm.dense_mode=reward scores the teacher's top-k under the student before the update, the "
+               "pass algorithm.old_logprobs=sampler saves; use algorithm.old_logprobs=recompute")
 
     lora = cfg.model.lora
     _check(lora.rank >= 0, "model.lora.rank must be >= 0 (0 = LoRA off)")

@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 import torch
 
-from gndpo.core.logprobs import hidden_logprobs, token_entropy, token_logprobs
+from gndpo.core.logprobs import TokenStats, hidden_token_stats, token_entropy, token_logprobs
 from gndpo.data.records import PromptRecord
 from gndpo.data.templates import build_messages
 from gndpo.models import tokenizer_of
@@ -210,9 +210,9 @@ class ResponseScorer(torch.nn.Module):
             return contextlib.nullcontext()
         return torch.autocast(next(self.model.parameters()).device.type, dtype=self.autocast)
 
-    def forward(self, *args, **kwargs):
+    def forward(self, *args, **kwargs) -> TokenStats:
         with self.compute():
-            return _response_logprobs(self.model, *args, **kwargs)
+            return _response_stats(self.model, *args, **kwargs)
 
 
 def hf_model(model):
@@ -231,15 +231,26 @@ def response_logprobs(model, prompt_inputs: dict[str, Any], response_ids: torch.
     :func:`shares_prefixes`), each prompt runs once and its KV cache serves all its samples. Positions outside
     ``response_mask`` hold 0. Gradients flow when called under grad mode.
     """
+    stats = response_stats(model, prompt_inputs, response_ids, response_mask, prompt_index=prompt_index,
+                           temperature=temperature, with_entropy=with_entropy, chunk_size=chunk_size)
+    return stats.logprobs, stats.entropy
+
+
+def response_stats(model, prompt_inputs: dict[str, Any], response_ids: torch.Tensor, response_mask: torch.Tensor,
+                   *, prompt_index: torch.Tensor | None = None, temperature: float = 1.0, with_entropy: bool = False,
+                   chunk_size: int = 1024, gather: torch.Tensor | None = None, topk: int = 0) -> TokenStats:
+    """:func:`response_logprobs` with everything :class:`gndpo.core.logprobs.TokenStats` holds: ``gather`` (B, R, K)
+    ids scored at each position with the tail's log-mass (a teacher's top-k, under the student), and the model's
+    own ``topk`` tokens (a teacher's). All (B, R, ...) and 0 outside ``response_mask``."""
     kwargs = dict(prompt_index=prompt_index, temperature=temperature, with_entropy=with_entropy,
-                  chunk_size=chunk_size)
+                  chunk_size=chunk_size, gather=gather, topk=topk)
     if isinstance(model, ResponseScorer):
         return model(prompt_inputs, response_ids, response_mask, **kwargs)
-    return _response_logprobs(model, prompt_inputs, response_ids, response_mask, **kwargs)
+    return _response_stats(model, prompt_inputs, response_ids, response_mask, **kwargs)
 
 
-def _response_logprobs(model, prompt_inputs, response_ids, response_mask, *, prompt_index, temperature,
-                       with_entropy, chunk_size):
+def _response_stats(model, prompt_inputs, response_ids, response_mask, *, prompt_index, temperature,
+                    with_entropy, chunk_size, gather=None, topk=0) -> TokenStats:
     B, R = response_ids.shape
     rows = torch.arange(B, device=response_ids.device) if prompt_index is None else prompt_index
     base, head = _head(model)
@@ -260,16 +271,38 @@ def _response_logprobs(model, prompt_inputs, response_ids, response_mask, *, pro
         input_ids, attention, extra = _joint_inputs(model, prompt_inputs, response_ids, response_mask)
         logits = model(input_ids=input_ids, attention_mask=attention, use_cache=False, logits_to_keep=R + 1,
                        **extra).logits[:, :-1]  # (B, R, V)
-        lp = token_logprobs(logits, response_ids, temperature=temperature)
-        ent = token_entropy(logits.detach(), temperature=temperature) if with_entropy else None
-        return _masked(lp, response_mask), None if ent is None else _masked(ent, response_mask)
-    lp, ent = hidden_logprobs(h, head.weight, response_ids, bias=head.bias, temperature=temperature,
-                              chunk_size=chunk_size, with_entropy=with_entropy)
-    return _masked(lp, response_mask), None if ent is None else _masked(ent, response_mask)
+        stats = _logits_stats(logits, response_ids, temperature=temperature, with_entropy=with_entropy,
+                              gather=gather, topk=topk)
+        return _masked_stats(stats, response_mask)
+    stats = hidden_token_stats(h, head.weight, response_ids, bias=head.bias, temperature=temperature,
+                               chunk_size=chunk_size, with_entropy=with_entropy, gather=gather, topk=topk)
+    return _masked_stats(stats, response_mask)
+
+
+def _logits_stats(logits, ids, *, temperature, with_entropy, gather, topk) -> TokenStats:
+    """TokenStats from full logits (B, R, V): the generic path of models gndpo cannot split before the head."""
+    lp = token_logprobs(logits, ids, temperature=temperature)
+    ent = token_entropy(logits.detach(), temperature=temperature) if with_entropy else None
+    gathered = rest = top_lp = top_ids = None
+    if gather is not None or topk:
+        logp = torch.log_softmax(logits.float() / temperature, -1)  # (B, R, V)
+        if gather is not None:
+            gathered = logp.gather(-1, gather)  # (B, R, K)
+            rest = torch.logsumexp(logp.scatter(-1, gather, float("-inf")), -1)  # (B, R)
+        if topk:
+            top_lp, top_ids = logp.detach().topk(topk, dim=-1)  # (B, R, k)
+    return TokenStats(lp, ent, gathered, rest, top_lp, top_ids)
 
 
 def _masked(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return torch.where(mask.bool(), x.float(), torch.zeros_like(x, dtype=torch.float32))
+    mask = mask.bool().view(*mask.shape, *([1] * (x.dim() - mask.dim())))
+    return torch.where(mask, x if not x.is_floating_point() else x.float(), torch.zeros((), dtype=x.dtype
+                       if not x.is_floating_point() else torch.float32, device=x.device))
+
+
+def _masked_stats(stats: TokenStats, mask: torch.Tensor) -> TokenStats:
+    return TokenStats(*(None if x is None else _masked(x, mask) for x in (
+        stats.logprobs, stats.entropy, stats.gathered, stats.rest, stats.topk_logprobs, stats.topk_ids)))
 
 
 def _joint_inputs(model, prompt_inputs, response_ids, response_mask):
@@ -392,19 +425,41 @@ def rollout_logprobs(model, processor, rollouts, *, micro_batch_size: int, suffi
     ``encoded``: :func:`encode_each` of ``rollouts.records`` with this processor, when the caller has it.
     Grad mode is the caller's: wrap in ``torch.no_grad()`` for scoring.
     """
+    return rollout_stats(model, processor, rollouts, micro_batch_size=micro_batch_size, suffix=suffix,
+                         system_prompt=system_prompt, temperature=temperature, chunk_size=chunk_size,
+                         encoded=encoded).logprobs
+
+
+def rollout_stats(model, processor, rollouts, *, micro_batch_size: int, suffix: str | None,
+                  system_prompt: str | None, temperature: float = 1.0, chunk_size: int = 1024,
+                  encoded: Sequence[dict] | None = None, gather: torch.Tensor | None = None,
+                  topk: int = 0) -> TokenStats:
+    """:func:`rollout_logprobs` with the :class:`TokenStats` a top-k divergence needs (on the CPU, (B, R, ...)):
+    ``gather`` (B, R, K) ids scored with their tail, the model's own ``topk``. Detached."""
     device = next(model.parameters()).device
     if encoded is None:
         encoded = encode_each(processor, rollouts.records, suffix=suffix, system_prompt=system_prompt)
     pad_id = pad_token_id(processor)
-    out = torch.zeros(rollouts.response_ids.shape, dtype=torch.float32)  # (B, R)
+    B, R = rollouts.response_ids.shape
+    lp = torch.zeros(B, R, dtype=torch.float32)  # (B, R)
+    gathered = None if gather is None else torch.zeros(B, R, gather.shape[-1], dtype=torch.float32)  # (B, R, K)
+    rest = None if gather is None else torch.zeros(B, R, dtype=torch.float32)  # (B, R)
+    top_lp = torch.zeros(B, R, topk, dtype=torch.float32) if topk else None  # (B, R, k)
+    top_ids = torch.zeros(B, R, topk, dtype=torch.long) if topk else None  # (B, R, k)
     for start in range(0, rollouts.size, micro_batch_size):
         idx = torch.arange(start, min(start + micro_batch_size, rollouts.size))
         part = rollouts.select(idx)
         inputs, rows = micro_batch_inputs(model, encoded, part.prompt_index, pad_id=pad_id, device=device)
-        lp, _ = response_logprobs(model, inputs, part.response_ids.to(device), part.response_mask.to(device),
-                                  prompt_index=rows, temperature=temperature, chunk_size=chunk_size)
-        out[idx, :lp.shape[1]] = lp.float().cpu()
-    return out
+        L = part.response_ids.shape[1]
+        stats = response_stats(model, inputs, part.response_ids.to(device), part.response_mask.to(device),
+                               prompt_index=rows, temperature=temperature, chunk_size=chunk_size, topk=topk,
+                               gather=None if gather is None else gather[idx, :L].to(device))
+        lp[idx, :L] = stats.logprobs.detach().float().cpu()
+        for out, x in ((gathered, stats.gathered), (rest, stats.rest), (top_lp, stats.topk_logprobs),
+                       (top_ids, stats.topk_ids)):
+            if out is not None:
+                out[idx, :L] = x.detach().cpu().to(out.dtype)
+    return TokenStats(lp, None, gathered, rest, top_lp, top_ids)
 
 
 def pad_token_id(processor) -> int:

@@ -32,20 +32,21 @@ from gndpo import checkpoint as ckpt
 from gndpo.backends import build_rollout, build_teacher
 from gndpo.config import RunConfig, to_dict
 from gndpo.core.advantages import compute_advantages
-from gndpo.core.losses import compute_policy_loss
+from gndpo.core.logprobs import TokenStats
 from gndpo.data.loaders import load_records
 from gndpo.data.sampler import PromptSampler
 from gndpo.data.templates import PAPER_SUFFIX
 from gndpo.dist import LOCAL, DistContext, apply_fsdp, clip_grad_norm
 from gndpo.errors import ConfigError, DataError, Interrupted, TrainingError
-from gndpo.forward import (ResponseScorer, encode_each, micro_batch_inputs, pad_token_id, prompt_lengths,
-                           repeat_for_samples, response_logprobs, rollout_logprobs)
+from gndpo.forward import ResponseScorer, encode_each, pad_token_id, prompt_lengths, repeat_for_samples, rollout_stats
 from gndpo.lora import apply_lora
 from gndpo.models import configure_images, dtype_name, load_model, resolve_device, student_dtypes, tokenizer_of
+from gndpo.objective import dense_reward, divergence, divergence_metrics, micro_batch_loss
 from gndpo.report.loggers import MultiLogger, build_loggers
 from gndpo.report.outliers import OutlierReport
 from gndpo.rewards import get_reward
 from gndpo.rollout.base import Rollouts, SamplingParams
+from gndpo.teacher.base import TeacherScores
 
 log = logging.getLogger("gndpo")
 
@@ -61,6 +62,7 @@ class StepRecord:
     outcome_rewards: torch.Tensor  # (B,)
     advantages: torch.Tensor  # (B, R)
     metrics: dict = field(default_factory=dict)
+    divergence: torch.Tensor | None = None  # (B, R): the top-k divergence per token (algorithm.distill=topk)
 
 
 def resolve_suffix(value: str) -> str | None:
@@ -76,8 +78,11 @@ def seed_everything(seed: int) -> None:
 # ---------------------------------------------------------------- phases
 
 
-def compute_step_advantages(cfg: RunConfig, rollouts: Rollouts, old_lp: torch.Tensor, teacher_lp: torch.Tensor | None,
-                            outcome: torch.Tensor, dist: DistContext) -> tuple[torch.Tensor, dict]:
+def compute_step_advantages(cfg: RunConfig, rollouts: Rollouts, old_lp: torch.Tensor, teacher: TeacherScores | None,
+                            outcome: torch.Tensor, dist: DistContext, old_stats: TokenStats | None = None
+                            ) -> tuple[torch.Tensor, dict, torch.Tensor | None]:
+    """The step's advantages, their metrics, and the per-token top-k divergence under the pre-update student
+    (``algorithm.distill=topk``, when ``old_stats`` scored the teacher's top-k; else None)."""
     a = cfg.algorithm
     mask = rollouts.response_mask
     reduce = dist.all_reduce if dist.distributed else None
@@ -92,37 +97,39 @@ def compute_step_advantages(cfg: RunConfig, rollouts: Rollouts, old_lp: torch.Te
         var = max(pooled["sq"] - pooled["mean"] ** 2, 0.0) * total / (total - 1) if total > 1 else 0.0
         metrics = {"reward_mean": pooled["mean"], "reward_std": math.sqrt(var), "reward_min": pooled["min"],
                    "reward_max": pooled["max"], "clamp_frac": 0.0, **metrics}
-        return adv, metrics
-    return compute_advantages(a.advantage, teacher_logprobs=teacher_lp, student_logprobs=old_lp, response_mask=mask,
-                              clamp=a.reward_clamp, scope=a.scope, group_ids=rollouts.prompt_index, reduce=reduce)
+        return adv, metrics, None
+    div, extra = None, {}
+    if old_stats is not None and old_stats.gathered is not None:  # dense: D_t under the pre-update student
+        values = divergence(cfg, teacher.topk_logprobs, old_stats)
+        div, extra = values[0], dist.pool(sums=divergence_metrics(values, mask))
+    adv, metrics = compute_advantages(a.advantage, teacher_logprobs=teacher.logprobs, student_logprobs=old_lp,
+                                      response_mask=mask, clamp=a.reward_clamp, scope=a.scope, reduce=reduce,
+                                      group_ids=rollouts.prompt_index,
+                                      token_reward=-div if dense_reward(cfg) and div is not None else None)
+    return adv, {**metrics, **extra}, div
 
 
 def backward_micro_batches(cfg: RunConfig, model, rollouts: Rollouts, encoded: Sequence[dict], seq: torch.Tensor,
                            old_lp: torch.Tensor | None, advantages: torch.Tensor, totals: torch.Tensor, *,
-                           pad_id: int, with_entropy: bool) -> tuple[float, list, tuple[float, float]]:
-    """Forward and backward the policy loss of rows ``seq`` micro-batch by micro-batch, gradients accumulating
-    to the whole mini-batch's (``totals``: its token and sequence counts over all ranks). Returns the loss sum,
-    per micro-batch (token count, loss metrics), and (entropy sum, token count)."""
-    a, device = cfg.algorithm, next(model.parameters()).device
+                           pad_id: int, with_entropy: bool, teacher: TeacherScores | None = None
+                           ) -> tuple[float, list, tuple[float, float]]:
+    """Forward and backward the loss of rows ``seq`` (``objective.micro_batch_loss``) micro-batch by micro-batch,
+    gradients accumulating to the whole mini-batch's (``totals``: its token and sequence counts over all ranks).
+    Returns the loss sum, per micro-batch (token count, loss metrics), and (entropy sum, token count)."""
     loss_sum, mb_metrics, ent_sum, ent_count = 0.0, [], 0.0, 0.0
     for start in range(0, len(seq), cfg.trainer.micro_batch_size):
         idx = seq[start:start + cfg.trainer.micro_batch_size]
         part = rollouts.select(idx)
         R = part.response_ids.shape[1]
-        inputs, rows = micro_batch_inputs(model, encoded, part.prompt_index, pad_id=pad_id, device=device)
-        lp, ent = response_logprobs(model, inputs, part.response_ids.to(device), part.response_mask.to(device),
-                                    prompt_index=rows, temperature=cfg.rollout.temperature, with_entropy=with_entropy)
-        old = lp.detach() if old_lp is None else old_lp[idx, :R].to(device)
-        loss, lm = compute_policy_loss(
-            a.policy_loss, old_logprobs=old, logprobs=lp, advantages=advantages[idx, :R].to(device),
-            response_mask=part.response_mask.to(device), clip_low=a.clip_low, clip_high=a.clip_high,
-            agg_mode=a.loss_agg_mode, total_tokens=float(totals[0]), total_seqs=float(totals[1]),
-            norm_length=cfg.rollout.max_new_tokens)
+        loss, lm, ent = micro_batch_loss(cfg, model, encoded, part, old_lp=None if old_lp is None else old_lp[idx, :R],
+                                         advantages=advantages[idx, :R], totals=totals, pad_id=pad_id,
+                                         teacher=None if teacher is None else teacher.select(idx),
+                                         with_entropy=with_entropy)
         loss.backward()
         loss_sum += float(loss.detach())
         mb_metrics.append((float(part.response_mask.sum()), lm))
         if ent is not None:
-            ent_sum += float((ent * part.response_mask.to(device)).sum())
+            ent_sum += float((ent * part.response_mask.to(ent.device)).sum())
             ent_count += float(part.response_mask.sum())
     return loss_sum, mb_metrics, (ent_sum, ent_count)
 
@@ -153,7 +160,7 @@ def top_token_grad_share(cfg: RunConfig, model, rollouts: Rollouts, encoded: Seq
 
 def update_policy(cfg: RunConfig, model, optimizer, scheduler, rollouts: Rollouts, encoded: Sequence[dict],
                   old_lp: torch.Tensor | None, advantages: torch.Tensor, *, pad_id: int, dist: DistContext,
-                  generator: torch.Generator) -> dict:
+                  generator: torch.Generator, teacher: TeacherScores | None = None) -> dict:
     """Epochs x mini-batches of clipped policy-gradient steps, each accumulated over micro-batches.
 
     ``encoded``: the prompts of ``rollouts.records`` encoded once by :func:`encode_each`. ``old_lp`` None:
@@ -177,7 +184,8 @@ def update_policy(cfg: RunConfig, model, optimizer, scheduler, rollouts: Rollout
             totals = dist.all_reduce(torch.tensor([float(mask.sum()), float(len(seq))], dtype=torch.float64))
             optimizer.zero_grad(set_to_none=True)
             loss_sum, mb_metrics, ent = backward_micro_batches(cfg, model, rollouts, encoded, seq, old_lp, advantages,
-                                                               totals, pad_id=pad_id, with_entropy=epoch == 0)
+                                                               totals, pad_id=pad_id, with_entropy=epoch == 0,
+                                                               teacher=teacher)
             ent_sum, ent_count = ent_sum + ent[0], ent_count + ent[1]
             # the global norm over every rank's gradient shards (FSDP2), clipped in place
             grad_norm = clip_grad_norm(params, cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf, dist)
@@ -343,7 +351,10 @@ def train(cfg: RunConfig, *, dist: DistContext = LOCAL,
             encoded = encode_each(processor, batch, suffix=suffix, system_prompt=cfg.data.system_prompt)
             rollouts = rollout.generate(batch, replace(sampling, seed=t_cfg.seed * 1_000_003 + step), encoded=encoded)
             t_rollout = time.perf_counter()
-            old_lp = None  # taken from the update's own forward when the separate pass is redundant
+            scores = teacher.score(rollouts) if teacher is not None else None  # TeacherScores (+ its top-k)
+            teacher_lp = scores.logprobs if scores is not None else None
+            t_teacher = time.perf_counter()
+            old_lp, old_stats = None, None  # taken from the update's own forward when the separate pass is redundant
             if a.old_logprobs == "sampler" and rollouts.sampler_logprobs is not None:
                 old_lp = rollouts.sampler_logprobs
             elif not old_logprobs_redundant(cfg):
@@ -351,22 +362,23 @@ def train(cfg: RunConfig, *, dist: DistContext = LOCAL,
                     log.warning("algorithm.old_logprobs=sampler: this model is sampled with transformers "
                                 "generate, which reports no log-probs; recomputing them")
                 model.eval()  # the pre-update policy without dropout, as the sampler ran it (the update sets train())
-                with torch.no_grad():
-                    old_lp = rollout_logprobs(scorer, processor, rollouts, micro_batch_size=t_cfg.micro_batch_size,
+                with torch.no_grad():  # (and the student's probabilities of the teacher's top-k, when dense)
+                    old_stats = rollout_stats(scorer, processor, rollouts, micro_batch_size=t_cfg.micro_batch_size,
                                               suffix=suffix, system_prompt=cfg.data.system_prompt,
-                                              temperature=cfg.rollout.temperature, encoded=encoded)
+                                              temperature=cfg.rollout.temperature, encoded=encoded,
+                                              gather=scores.topk_ids if scores is not None else None)
+                old_lp = old_stats.logprobs
             t_old = time.perf_counter()
-            teacher_lp = teacher.score(rollouts) if teacher is not None else None
-            t_teacher = time.perf_counter()
             outcome = torch.tensor(reward_fn(rollouts.texts, [r.answer for r in repeat_for_samples(
                 rollouts.records, rollouts.prompt_index)]), dtype=torch.float32)  # (B,)
             t_reward = time.perf_counter()
             # a step with NaN/inf where it matters is skipped on every rank alike: nothing reaches the weights
             bad = nonfinite_counts(rollouts.response_mask, old_lp, teacher_lp, None)
             skip = dist.pool(maxima={"bad": float(any(bad.values()))})["bad"]
-            advantages, adv_metrics = torch.zeros(rollouts.response_mask.shape), {"reward_mean": math.nan}
+            advantages, adv_metrics, div = torch.zeros(rollouts.response_mask.shape), {"reward_mean": math.nan}, None
             if not skip:
-                advantages, adv_metrics = compute_step_advantages(cfg, rollouts, old_lp, teacher_lp, outcome, dist)
+                advantages, adv_metrics, div = compute_step_advantages(cfg, rollouts, old_lp, scores, outcome, dist,
+                                                                       old_stats)
                 bad.update(nonfinite_counts(rollouts.response_mask, old_lp, teacher_lp, advantages))
                 skip = dist.pool(maxima={"bad": float(any(bad.values()))})["bad"]
             t_adv = time.perf_counter()
@@ -378,7 +390,7 @@ def train(cfg: RunConfig, *, dist: DistContext = LOCAL,
                     adv_metrics["outlier/top1pct_grad_share"] = top_token_grad_share(
                         cfg, scorer, rollouts, encoded, old_lp, advantages, pad_id=pad_token_id(processor), dist=dist)
                 upd = update_policy(cfg, scorer, optimizer, scheduler, rollouts, encoded, old_lp, advantages,
-                                    pad_id=pad_token_id(processor), dist=dist, generator=minibatch_gen)
+                                    pad_id=pad_token_id(processor), dist=dist, generator=minibatch_gen, teacher=scores)
             bad["bad/gradients"] = float(upd["update_skipped"] > 0 and not any(bad.values()))
             rollout.weights_changed()  # a vLLM engine takes the new weights before its next rollout
             t_update = time.perf_counter()
@@ -386,12 +398,12 @@ def train(cfg: RunConfig, *, dist: DistContext = LOCAL,
             n_tokens = float(dist.all_reduce(torch.tensor(float(rollouts.response_mask.sum()))))  # all ranks
             metrics = {**upd, **adv_metrics, **rollout_metrics(rollouts, outcome, old_lp, dist), **rollouts.stats,
                        "skipped_prompts": float(skipped_prompts), "epoch": float(sampler.epoch),
-                       "time/rollout": t_rollout - timer, "time/old_logprobs": t_old - t_rollout,
-                       "time/teacher": t_teacher - t_old, "time/reward": t_reward - t_teacher,
+                       "time/rollout": t_rollout - timer, "time/teacher": t_teacher - t_rollout,
+                       "time/old_logprobs": t_old - t_teacher, "time/reward": t_reward - t_old,
                        "time/advantages": t_adv - t_reward, "time/update": t_update - t_adv, **bad,
                        "bad_step": float(any(bad.values()))}
             for cb in (outliers, *callbacks):
-                cb(StepRecord(step + 1, rollouts, old_lp, teacher_lp, outcome, advantages, metrics))
+                cb(StepRecord(step + 1, rollouts, old_lp, teacher_lp, outcome, advantages, metrics, div))
             done = step + 1
             # the same on every rank: a skipped step is skipped everywhere, and update_skipped follows the global norm
             bad_run = bad_run + 1 if metrics["bad_step"] else 0

@@ -79,6 +79,7 @@ class EngineOptions:
     sleep: bool = False  # CUDA: sleep mode (free weights and KV cache between uses); vLLM's allocator is per process
     # torchrun world size: > 1 starts this rank's own engine in the trainer's process group (see start_engine)
     data_parallel: int = 1
+    max_logprobs: int = 20  # the most log-probs one position may return (a teacher's top-k); vLLM's default 20
 
 
 def start_engine(path: str, options: EngineOptions, *, logprobs_mode: str = "raw_logprobs") -> tuple[Any, bool]:
@@ -89,6 +90,7 @@ def start_engine(path: str, options: EngineOptions, *, logprobs_mode: str = "raw
         model=path, tokenizer=path, dtype=options.dtype, max_model_len=options.max_model_len, seed=options.seed,
         enforce_eager=options.enforce_eager or not torch.cuda.is_available(),
         tensor_parallel_size=options.tensor_parallel_size, logprobs_mode=logprobs_mode,
+        max_logprobs=max(options.max_logprobs, 20),
         gpu_memory_utilization=options.gpu_memory_utilization,
         # sleep mode frees the engine's GPU memory while the trainer scores and updates; CUDA only
         enable_sleep_mode=options.sleep and torch.cuda.is_available())
@@ -468,11 +470,24 @@ def score(llm, inputs: Sequence[dict], responses: Sequence[Sequence[int]]) -> li
     """Log-prob (float, ``-inf`` kept) of every token of ``responses[i]`` given prompt ``inputs[i]``, from one
     prefill of prompt + response per sequence (``prompt_logprobs=0``: exactly the given token's log-prob at each
     position; larger values add other tokens at any rank). Raw log-probs: temperature 1, full vocabulary."""
+    return [lps for lps, _, _ in score_topk(llm, inputs, responses, 0)]
+
+
+def score_topk(llm, inputs: Sequence[dict], responses: Sequence[Sequence[int]], topk: int
+               ) -> list[tuple[list[float], list[list[int]], list[list[float]]]]:
+    """Per sequence: the log-prob of each response token (as :func:`score`) and the engine's ``topk`` most likely
+    tokens at each response position with their log-probs, descending by rank.
+
+    ``prompt_logprobs=K`` makes vLLM return, at every prompt position i (position 0: None), a dict of the token
+    at i plus the K most likely tokens there, each with its rank: K entries when the actual token is among the K,
+    K + 1 when not. The entry at position i scores token i given the tokens before it, so a response token's
+    distribution sits at its own position. The top-k are the entries of rank 1..K; the actual token is read from
+    its own entry whatever its rank."""
     vllm = import_vllm()
     requests = []
     for inp, resp in zip(inputs, responses):
         requests.append({**inp, "prompt_token_ids": list(inp["prompt_token_ids"]) + list(resp)})
-    params = vllm.SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False)
+    params = vllm.SamplingParams(max_tokens=1, prompt_logprobs=topk, detokenize=False)
     outs = llm.generate(requests, params, use_tqdm=False)
     result = []
     for out, resp in zip(outs, responses):
@@ -481,7 +496,19 @@ def score(llm, inputs: Sequence[dict], responses: Sequence[Sequence[int]]) -> li
         if list(ids[start:]) != list(resp):  # vLLM re-tokenized or expanded into the response: never score it
             raise ModelError("vLLM's scored sequence does not end with the response it was given; the prompt's "
                              "image placeholders may not match the model")
-        result.append([lps[start + j][tid].logprob for j, tid in enumerate(resp)])
+        sampled, top_ids, top_lps = [], [], []
+        for j, tid in enumerate(resp):
+            entries = lps[start + j]
+            sampled.append(entries[tid].logprob)
+            if topk:
+                ranked = sorted((e.rank, t, e.logprob) for t, e in entries.items() if e.rank is not None and
+                                e.rank <= topk)
+                if len(ranked) != topk:
+                    raise ModelError(f"vLLM returned {len(ranked)} of the {topk} top tokens at a position; raise the "
+                                     "engine's max_logprobs")
+                top_ids.append([t for _, t, _ in ranked])
+                top_lps.append([lp for _, _, lp in ranked])
+        result.append((sampled, top_ids, top_lps))
     return result
 
 

@@ -189,7 +189,7 @@ def test_scores_in_concurrent_micro_batches_with_images_once_per_prompt(serve, v
     teacher = client(fake.url, vlm_processor, micro_batch_size=2, api_key="k3y")
     teacher.check_compatible(vlm_processor)
     start = time.perf_counter()
-    scores = teacher.score(rollouts)
+    scores = teacher.score(rollouts).logprobs
     elapsed = time.perf_counter() - start
     assert scores.dtype == torch.float32 and scores.shape == rollouts.response_ids.shape
     assert torch.equal(scores, expected_scores(rollouts))  # 0 outside the mask, -inf kept
@@ -203,7 +203,7 @@ def test_scores_in_concurrent_micro_batches_with_images_once_per_prompt(serve, v
 def test_empty_responses_are_not_sent(serve, vlm_processor):
     fake = serve({"/fingerprint": fingerprint_route(vlm_processor), "/score": score_route(vlm_processor)})
     rollouts = make_rollouts(lengths=(3, 0, 2, 0))
-    scores = client(fake.url, vlm_processor, micro_batch_size=8).score(rollouts)
+    scores = client(fake.url, vlm_processor, micro_batch_size=8).score(rollouts).logprobs
     assert fake.calls["/score"] == 1 and torch.equal(scores, expected_scores(rollouts))
 
 
@@ -233,7 +233,7 @@ def test_server_error_is_retried_until_it_passes(serve, vlm_processor):
     fake = serve({"/fingerprint": fingerprint_route(vlm_processor),
                   "/score": lambda body, path: next(answers) or good(body, path)})
     rollouts = make_rollouts()
-    scores = client(fake.url, vlm_processor, micro_batch_size=8, retries=3).score(rollouts)
+    scores = client(fake.url, vlm_processor, micro_batch_size=8, retries=3).score(rollouts).logprobs
     assert fake.calls["/score"] == 3 and torch.equal(scores, expected_scores(rollouts))
 
 
@@ -348,7 +348,7 @@ def test_openai_mode_scores_text_and_refuses_images(serve, caplog):
         teacher.check_compatible(tok)
     assert "the full vocabulary is not compared" in caplog.text
     rollouts = make_rollouts(images=False)
-    scores = teacher.score(rollouts)
+    scores = teacher.score(rollouts).logprobs
     expected = torch.zeros(rollouts.response_ids.shape)  # the fake's log-prob ignores the position here
     for b in range(rollouts.size):
         for j in range(int(rollouts.response_mask[b].sum())):

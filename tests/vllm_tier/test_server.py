@@ -186,7 +186,7 @@ def hf_scores(path, rollouts):
     from gndpo.teacher.hf import HFTeacher
 
     loaded = load_model(str(path), dtype="float32")
-    return HFTeacher(loaded.model, loaded.processor, suffix=SUFFIX).score(rollouts)
+    return HFTeacher(loaded.model, loaded.processor, suffix=SUFFIX).score(rollouts).logprobs
 
 
 def student_processor(path=ASSETS / "student"):
@@ -205,7 +205,7 @@ def test_vlm_server_matches_hf_teacher_and_sees_the_images(servers, lab_task):
     teacher = ServerTeacher(servers["vlm"].url, api_key=KEY, processor=processor, suffix=SUFFIX, micro_batch_size=3,
                             timeout=60, retries=0)
     teacher.check_compatible(processor)  # the lab student and teacher share one tokenizer
-    served = teacher.score(rollouts)
+    served = teacher.score(rollouts).logprobs
     reference = hf_scores(ASSETS / "teacher", rollouts)
     mask = rollouts.response_mask
     assert (served[~mask] == 0).all()
@@ -216,7 +216,7 @@ def test_vlm_server_matches_hf_teacher_and_sees_the_images(servers, lab_task):
                for r in records]
     other = Rollouts(tuple(changed), *(getattr(rollouts, f) for f in (
         "prompt_index", "response_ids", "response_mask", "texts", "truncated", "prompt_lengths")))
-    served_other = teacher.score(other)
+    served_other = teacher.score(other).logprobs
     assert (served_other - served)[mask].abs().max() > 1e-3
     assert (served_other - hf_scores(ASSETS / "teacher", other)).abs().max() <= 1e-4
 
@@ -228,7 +228,7 @@ def test_text_server_matches_hf_teacher(servers, text_teacher):
     teacher = ServerTeacher(servers["text"].url, api_key=None, processor=processor, suffix=SUFFIX,
                             micro_batch_size=2, timeout=60, retries=0)
     teacher.check_compatible(processor)
-    assert (teacher.score(rollouts) - hf_scores(text_teacher, rollouts)).abs().max() <= 1e-4
+    assert (teacher.score(rollouts).logprobs - hf_scores(text_teacher, rollouts)).abs().max() <= 1e-4
 
 
 @pytest.mark.skipif(os.environ.get("GNDPO_TEST_STOCK_VLLM") != "1", reason="starts vLLM's own OpenAI server "
@@ -243,7 +243,7 @@ def test_stock_vllm_server_scores_text_and_refuses_images(stock_server, text_tea
     with caplog.at_level(logging.WARNING, logger="gndpo"):
         teacher.check_compatible(processor)  # through vLLM's /tokenize: probe text, chat template, special tokens
     assert "the full vocabulary is not compared" in caplog.text
-    assert (teacher.score(rollouts) - hf_scores(text_teacher, rollouts)).abs().max() <= 1e-4
+    assert (teacher.score(rollouts).logprobs - hf_scores(text_teacher, rollouts)).abs().max() <= 1e-4
     with pytest.raises(ModelError, match="cannot take images .* gndpo serve-teacher"):
         teacher.score(random_rollouts(load_records(str(lab_task / "train.jsonl"))[:2]))
 

@@ -180,19 +180,19 @@ def test_vllm_teacher_equals_the_hf_teacher(lab_pair, lab_sampler, vllm_dir, vlm
         torch.manual_seed(0)
         ro = HFRollout(s.model, s.processor, suffix=None).generate(records, SamplingParams(n=2, max_new_tokens=16))
     hf_t = load_model(teacher_path)
-    expected = HFTeacher(hf_t.model, hf_t.processor, suffix=None).score(ro)
+    expected = HFTeacher(hf_t.model, hf_t.processor, suffix=None).score(ro).logprobs
     teacher = VLLMTeacher(teacher_path, hf_t.processor, options=EngineOptions(max_model_len=512,
                                                                               max_images=int(kind == "vlm")),
                           suffix=None, micro_batch_size=4)
     try:
-        got = teacher.score(ro)
+        got = teacher.score(ro).logprobs
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
         assert bool((got[~ro.response_mask] == 0).all())
         if kind == "vlm":  # the images really arrive: another image changes the teacher's scores
             from dataclasses import replace
 
             swapped = tuple(replace(r, images=records[(i + 1) % len(records)].images) for i, r in enumerate(records))
-            other = teacher.score(replace(ro, records=swapped))
+            other = teacher.score(replace(ro, records=swapped)).logprobs
             assert (other - got).abs().max() > 1e-2
     finally:
         teacher.close()

@@ -228,13 +228,19 @@ def _distillation_advantages(
     scope: str,
     group_ids: torch.Tensor | None,
     reduce: Reduce | None,
+    token_reward: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     _check_shapes(teacher_logprobs=teacher_logprobs, student_logprobs=student_logprobs, response_mask=response_mask)
     if scope not in SCOPES:
         raise ValueError(f"unknown normalization scope {scope!r}; valid scopes: {', '.join(SCOPES)}")
     valid = response_mask.bool()  # (B, L)
     out_dtype = torch.promote_types(student_logprobs.dtype, torch.float32)
-    log_ratio = _log_ratio(teacher_logprobs.detach(), student_logprobs.detach(), valid).double()  # (B, L)
+    if token_reward is None:
+        log_ratio = _log_ratio(teacher_logprobs.detach(), student_logprobs.detach(), valid).double()  # (B, L)
+    else:  # another per-token signal (a negative top-k divergence), clamped and normalized the same way
+        _check_shapes(token_reward=token_reward, response_mask=response_mask)
+        _check_no_nan("token_reward", token_reward, valid)
+        log_ratio = torch.where(valid, token_reward.detach(), 0.0).double()  # (B, L)
     r64 = _clamp_reward(log_ratio, valid, clamp)  # (B, L)
     m = valid.double()  # (B, L)
 
@@ -278,10 +284,14 @@ def gndpo_advantages(
     scope: str = "batch",
     group_ids: torch.Tensor | None = None,
     reduce: Reduce | None = None,
+    token_reward: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """GNDPO: clamped log-ratio z-scored over every valid token of the batch (``scope``). Detached."""
+    """GNDPO: clamped log-ratio z-scored over every valid token of the batch (``scope``). Detached.
+
+    ``token_reward`` (B, L): a per-token signal that replaces the log-ratio (gndpo's dense mode passes the
+    negative top-k divergence), clamped and normalized the same way; the log-probs are then only checked."""
     return _distillation_advantages(
-        teacher_logprobs, student_logprobs, response_mask, clamp, eps, scope, group_ids, reduce
+        teacher_logprobs, student_logprobs, response_mask, clamp, eps, scope, group_ids, reduce, token_reward
     )
 
 
@@ -296,13 +306,14 @@ def opd_advantages(
     scope: str = "none",
     group_ids: torch.Tensor | None = None,
     reduce: Reduce | None = None,
+    token_reward: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """On-policy distillation: the clamped log-ratio itself (scope ``none``). Detached.
 
     Same options as ``gndpo``; ``opd`` with ``scope="batch"`` equals ``gndpo``.
     """
     return _distillation_advantages(
-        teacher_logprobs, student_logprobs, response_mask, clamp, eps, scope, group_ids, reduce
+        teacher_logprobs, student_logprobs, response_mask, clamp, eps, scope, group_ids, reduce, token_reward
     )
 
 

@@ -40,6 +40,7 @@ import torch
 from gndpo.errors import ModelError
 from gndpo.rollout.base import Rollouts
 from gndpo.serve import decode_logprob, strict_json_loads
+from gndpo.teacher.base import TeacherScores
 
 log = logging.getLogger("gndpo")
 
@@ -201,8 +202,11 @@ class ServerTeacher:
 
     # ------------------------------------------------------------ scoring
 
-    def score(self, rollouts: Rollouts) -> torch.Tensor:
-        """Teacher log-probs ``(B, R)`` float32 of the response tokens, 0 outside the mask, ``-inf`` kept."""
+    topk = 0  # the served teacher reports the sampled tokens' log-probs only
+
+    def score(self, rollouts: Rollouts) -> TeacherScores:
+        """:class:`TeacherScores`: log-probs ``(B, R)`` float32 of the response tokens, 0 outside the mask, ``-inf``
+        kept."""
         from gndpo.vllm_engine import prompt_ids
 
         if self.mode == "openai" and any(r.images for r in rollouts.records):
@@ -227,7 +231,7 @@ class ServerTeacher:
                              "prompt": [ids[p] + responses[b] for p, b in zip(prompts, chunk)]})
         out = torch.zeros(rollouts.response_ids.shape, dtype=torch.float32)  # (B, R)
         if not jobs:
-            return out
+            return TeacherScores(out)
         send = self._send_gndpo if self.mode == "gndpo" else self._send_openai
         with concurrent.futures.ThreadPoolExecutor(max_workers=min(len(jobs), MAX_IN_FLIGHT)) as pool:
             futures = [pool.submit(send, job, [responses[b] for b in chunk]) for job, chunk in zip(jobs, chunks)]
@@ -240,7 +244,7 @@ class ServerTeacher:
         for chunk, scores in zip(chunks, results):
             for b, row in zip(chunk, scores):
                 out[b, :len(row)] = torch.tensor(row, dtype=torch.float32)
-        return out
+        return TeacherScores(out)
 
     @staticmethod
     def _gndpo_payload(prompts: list[int], responses: list[list[int]], ids: list[list[int]],
