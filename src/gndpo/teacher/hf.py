@@ -30,7 +30,7 @@ class HFTeacher:
     def close(self) -> None:
         """Nothing to free beyond the model, which goes with this object."""
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: its tensors could not enter the student's loss (a dense divergence)
     def score(self, rollouts: Rollouts) -> TeacherScores:
         stats = rollout_stats(self.model, self.processor, rollouts, micro_batch_size=self.micro_batch_size,
                               suffix=self.suffix, system_prompt=self.system_prompt, chunk_size=self.chunk_size,

@@ -1,0 +1,158 @@
+"""Dense (top-k) distillation end to end on tiny models: the teacher's top-k, the divergence as a loss and as a
+GNDPO-normalized reward, each option changing the result, resume, and the one-line errors."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from gndpo.config import load_config
+from gndpo.core.advantages import compute_advantages
+from gndpo.core.divergences import topk_divergence
+from gndpo.errors import ConfigError
+from gndpo.train import train
+
+pytestmark = pytest.mark.slow
+
+
+def dense_cfg(tiny_dir, out, *extra, steps=2, kind="text"):
+    data = tiny_dir / "text.jsonl" if kind == "text" else tiny_dir / "vlm" / "train.jsonl"
+    overrides = [
+        f"model.path={tiny_dir / f'{kind}_student'}", f"teacher.path={tiny_dir / f'{kind}_teacher'}",
+        f"data.train={data}", "data.prompt_suffix=none", "algorithm.method=gndpo", "algorithm.distill=topk",
+        "algorithm.topk=5", "rollout.n=4", "rollout.max_new_tokens=8", "trainer.prompts_per_step=2",
+        "trainer.micro_batch_size=4", f"trainer.total_steps={steps}", "trainer.device=cpu", f"trainer.output_dir={out}",
+        "optim.lr=1e-3", "logging.progress=false", "logging.tensorboard=false", "trainer.seed=7", *extra]
+    if kind == "text":
+        overrides.append("data.image_key=null")
+    return load_config(None, overrides)
+
+
+def weights(out, step):
+    return load_file(str(out / "checkpoints" / f"step-{step:06d}" / "model.safetensors"))
+
+
+def test_the_hf_teacher_reports_its_topk_and_the_dense_loss_equals_a_full_softmax(tiny_dir):
+    """objective.micro_batch_loss in dense loss mode against the divergence computed from the student's full
+    logits: the same loss and the same gradients."""
+    from gndpo.forward import encode_each, pad_token_id
+    from gndpo.models import load_model
+    from gndpo.objective import micro_batch_loss
+    from gndpo.rollout.hf import HFRollout
+    from gndpo.rollout.base import SamplingParams
+    from gndpo.teacher.hf import HFTeacher
+    from gndpo.data.loaders import load_records
+
+    student = load_model(str(tiny_dir / "text_student"))
+    teacher = load_model(str(tiny_dir / "text_teacher"))
+    records = load_records(str(tiny_dir / "text.jsonl"), image_key=None)[:2]
+    rollouts = HFRollout(student.model, student.processor, suffix=None).generate(
+        records, SamplingParams(n=3, max_new_tokens=6, seed=1))
+    scores = HFTeacher(teacher.model, teacher.processor, suffix=None, topk=4).score(rollouts)
+    mask = rollouts.response_mask
+    assert scores.topk_ids.shape == (*mask.shape, 4)
+    # the teacher's top-k is its full softmax's top-k, in order, and holds the sampled token's log-prob when there
+    enc = encode_each(teacher.processor, records, suffix=None, system_prompt=None)
+    for b in range(rollouts.size):
+        n = int(mask[b].sum())
+        ids = torch.cat([torch.as_tensor(enc[int(rollouts.prompt_index[b])]["input_ids"]).flatten(),
+                         rollouts.response_ids[b, :n]])
+        with torch.no_grad():
+            full = torch.log_softmax(teacher.model(ids[None]).logits[0, -n - 1:-1].float(), -1)  # (n, V)
+        top = full.topk(4, -1)
+        torch.testing.assert_close(scores.topk_logprobs[b, :n], top.values, atol=1e-5, rtol=0)
+        assert torch.equal(scores.topk_ids[b, :n], top.indices)
+        torch.testing.assert_close(scores.logprobs[b, :n], full.gather(1, rollouts.response_ids[b, :n, None])[:, 0],
+                                   atol=1e-5, rtol=0)
+    cfg = dense_cfg(tiny_dir, "unused", "algorithm.divergence=forward_kl", "algorithm.loss_agg_mode=token-mean")
+    model = student.model
+    enc_s = encode_each(student.processor, records, suffix=None, system_prompt=None)
+    totals = torch.tensor([float(mask.sum()), float(rollouts.size)], dtype=torch.float64)
+    model.zero_grad()
+    loss, metrics, _ = micro_batch_loss(cfg, model, enc_s, rollouts, old_lp=None, advantages=torch.zeros(mask.shape),
+                                        teacher=scores, totals=totals, pad_id=pad_token_id(student.processor),
+                                        with_entropy=False)
+    loss.backward()
+    ours = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    # reference: one sequence at a time through the model's own forward and a full log-softmax
+    model.zero_grad()
+    ref = 0.0
+    for b in range(rollouts.size):
+        n = int(mask[b].sum())
+        ids = torch.cat([torch.as_tensor(enc_s[int(rollouts.prompt_index[b])]["input_ids"]).flatten(),
+                         rollouts.response_ids[b, :n]])
+        logp = torch.log_softmax(model(ids[None]).logits[0, -n - 1:-1].float(), -1)  # (n, V)
+        gather = scores.topk_ids[b, :n]
+        d, _, _ = topk_divergence("forward_kl", teacher_topk_logprobs=scores.topk_logprobs[b, :n],
+                                  student_topk_logprobs=logp.gather(1, gather),
+                                  student_rest=torch.logsumexp(logp.scatter(1, gather, float("-inf")), 1))
+        ref = ref + d.sum() / float(mask.sum())
+    ref.backward()
+    assert float(loss) == pytest.approx(float(ref), rel=1e-5)
+    assert metrics["distill/divergence"] == pytest.approx(float(ref), rel=1e-5)  # token-mean = mean divergence
+    for name, grad in ours.items():
+        torch.testing.assert_close(grad, dict(model.named_parameters())[name].grad, atol=1e-5, rtol=1e-4)
+
+
+def test_dense_reward_is_the_normalized_negative_divergence(tiny_dir, tmp_path):
+    seen = []
+    train(dense_cfg(tiny_dir, tmp_path / "r", "algorithm.dense_mode=reward", steps=1), callbacks=[seen.append])
+    rec = seen[0]
+    mask = rec.rollouts.response_mask
+    assert rec.divergence is not None and bool((rec.divergence[mask] >= 0).all())
+    expected, _ = compute_advantages("gndpo", teacher_logprobs=rec.teacher_logprobs, student_logprobs=rec.old_logprobs,
+                                     response_mask=mask, clamp=5.0, token_reward=-rec.divergence)
+    torch.testing.assert_close(rec.advantages, expected)
+    # z-scored over the batch: mean 0 and, with var v of -D over every response token (no clamp reached here),
+    # variance v / (v + 1e-8): these near-uniform tiny models' divergences are ~1e-3, so the eps shows
+    d = rec.divergence[mask].double()
+    assert float(d.max()) < 5
+    v = float(d.var())
+    assert float(rec.advantages[mask].mean()) == pytest.approx(0.0, abs=1e-5)
+    assert float(rec.advantages[mask].double().var()) == pytest.approx(v / (v + 1e-8), rel=1e-4)
+    row = json.loads(open(tmp_path / "r" / "metrics.jsonl").readline())
+    assert row["distill/divergence"] == pytest.approx(float(rec.divergence[mask].mean()), rel=1e-5)
+    assert 0 <= row["distill/teacher_tail"] <= 1 and 0 <= row["distill/student_tail"] <= 1
+
+
+def test_every_dense_option_changes_the_result(tiny_dir, tmp_path):
+    settings = {"base": [], "forward_kl": ["algorithm.divergence=forward_kl"], "jsd": ["algorithm.divergence=jsd"],
+                "jsd_beta": ["algorithm.divergence=jsd", "algorithm.jsd_beta=0.2"], "topk": ["algorithm.topk=2"],
+                "reward": ["algorithm.dense_mode=reward"], "sampled": ["algorithm.distill=sampled"],
+                "agg": ["algorithm.loss_agg_mode=seq-mean-token-sum"]}
+    got, loss = {}, {}
+    for name, extra in settings.items():
+        train(dense_cfg(tiny_dir, tmp_path / name, *extra, steps=1))
+        got[name] = weights(tmp_path / name, 1)
+        loss[name] = json.loads(open(tmp_path / name / "metrics.jsonl").readline())["loss"]
+    for name in settings:
+        if name == "agg":  # the loss's scale (Adam's first step does not see it): summed over each response's tokens
+            assert loss["agg"] > 2 * loss["base"] > 0
+        elif name != "base":
+            other = "jsd" if name == "jsd_beta" else "base"
+            assert any(not torch.equal(got[other][k], got[name][k]) for k in got[name]), name
+
+
+def test_dense_runs_resume_bit_exact(tiny_dir, tmp_path):
+    for mode in ("loss", "reward"):
+        extra = [f"algorithm.dense_mode={mode}", "checkpoint.every=1", "checkpoint.keep_last=null"]
+        train(dense_cfg(tiny_dir, tmp_path / f"full-{mode}", *extra, steps=3, kind="vlm"))
+        train(dense_cfg(tiny_dir, tmp_path / f"split-{mode}", *extra, steps=1, kind="vlm"))
+        train(dense_cfg(tiny_dir, tmp_path / f"split-{mode}", *extra, "trainer.resume=true", steps=3, kind="vlm"))
+        a, b = weights(tmp_path / f"full-{mode}", 3), weights(tmp_path / f"split-{mode}", 3)
+        assert all(torch.equal(a[k], b[k]) for k in a), mode
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["algorithm.topk=0"], "algorithm.topk=0 must be >= 1 with algorithm.distill=topk"),
+    (["algorithm.method=gspo"], "algorithm.distill=topk compares the student with a teacher, which "
+                                "algorithm.method=gspo (advantage grpo) has none"),
+    (["algorithm.divergence=jsd", "algorithm.jsd_beta=1.0"], "algorithm.jsd_beta=1.0 must be in (0, 1)"),
+    (["algorithm.dense_mode=reward", "algorithm.old_logprobs=sampler"],
+     "algorithm.dense_mode=reward scores the teacher's top-k under the student before the update"),
+    (["algorithm.divergence=kl"], "algorithm.divergence='kl' is not one of: forward_kl, reverse_kl, jsd"),
+])
+def test_bad_dense_settings_are_one_line_before_any_model_loads(tiny_dir, extra, message):
+    with pytest.raises(ConfigError) as err:
+        dense_cfg(tiny_dir, "unused", *extra)
+    assert message in str(err.value) and "\n" not in str(err.value)
