@@ -55,7 +55,8 @@ Lines (bytes):
   projector included; another string is a regular expression over full module names;
 - log-prob buffers: ``core/logprobs.hidden_logprobs`` with ``C = min(1024, response tokens)`` rows per chunk:
   two float32 ``C x V`` scratch rows and a ``C x V`` logits chunk in ``p``; in backward also the float32
-  ``V x h`` LM-head gradient accumulator (+ its cast to ``p``) when the head trains;
+  ``V x h`` LM-head gradient accumulator and its cast to ``p`` when the head trains in 16 bits (in float32 the
+  accumulator becomes the head's gradient, counted there);
 - KV cache of the rollout: ``B (P + R) L 2 k d p`` with ``B = (rollout.micro_batch_size // n) * n``
   sequences decoded together (the decode loop's buffers grow by doubling but never past ``P + R``), plus the
   larger of the prefill's working memory and the sampling buffers ``B V (p + 24)`` (float32 copies for
@@ -358,7 +359,7 @@ def _logprob_bytes(s: ModelShape, p: int, response_tokens: int, *, backward: boo
     out = C * s.vocab * (8 + cast)
     if backward:
         out += response_tokens * s.hidden * p
-        if s.head_trains:
+        if s.head_trains and p != 4:  # in float32 the accumulator is returned as the head's gradient itself
             out += s.vocab * s.hidden * (4 + cast)
     return out
 
