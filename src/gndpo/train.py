@@ -340,7 +340,7 @@ def train(cfg: RunConfig, *, dist: DistContext = LOCAL,
     share = t_cfg.prompts_per_step // dist.world_size
     outliers = OutlierReport(t_cfg.output_dir, tokenizer_of(processor), every=cfg.logging.rollouts_every,
                              per_step=cfg.logging.rollouts_per_step, clamp=a.reward_clamp if teacher else None,
-                             enabled=dist.is_main)  # per-token diagnostics: metrics + samples for gndpo inspect
+                             enabled=dist.is_main, last_step=t_cfg.total_steps)  # metrics + samples for gndpo inspect
     bad_run = 0  # consecutive steps with non-finite values
     signals = SignalFlag()  # SIGTERM/SIGINT: finish the step, then stop (checkpoint.on_signal)
     try:

@@ -7,6 +7,7 @@ import shutil
 from importlib.resources import files
 
 import pytest
+from evalkit_fixtures import JUDGE
 from fake_openai import FakeOpenAI
 
 from gndpo.cli import main
@@ -37,14 +38,14 @@ def test_paper_suite_end_to_end_on_vllm(fixture_data, tmp_path, capsys, monkeypa
     trained = long_context_copy(ASSETS / "teacher", tmp_path / "teacher")
     # the stub judge also maps the answers to WeMath's multi-step questions to the right letter: VLMEvalKit's
     # WeMath scorer divides by the problems whose multi-step question is right (none, from the tiny model)
-    wemath = [{"model": "fixture-judge", "contains": [f"[Q:WM{i}]"], "reply": a} for i, a in ((3, "C"), (7, "D"))]
+    wemath = [{"model": JUDGE, "contains": [f"[Q:WM{i}]"], "reply": a} for i, a in ((3, "C"), (7, "D"))]
     with FakeOpenAI(wemath + rules) as judge:
         code = main(["eval", "--suite", "paper", "--compare", f"base={base}", f"trained={trained}", "--judge-model",
-                     "fixture-judge", "--judge-base-url", judge.url, "--data-dir", str(data), "--max-new-tokens", "48",
+                     JUDGE, "--judge-base-url", judge.url, "--data-dir", str(data), "--max-new-tokens", "48",
                      "--dtype", "float32", "--out", str(out)])
         stdout, err = capsys.readouterr()
         assert code == 0, err
-        assert judge.count("fixture-judge") > 0
+        assert judge.count(JUDGE) > 0
     state = json.loads((out / "eval.json").read_text())
     assert list(state["models"]) == ["base", "trained"]
     for label in ("base", "trained"):
