@@ -67,6 +67,7 @@ class JsonlLogger:
 
     def __init__(self, path: str | Path, resume_step: int | None = None):
         self.path = Path(path)
+        self._failed = False
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             if resume_step is not None and self.path.exists():
@@ -89,11 +90,19 @@ class JsonlLogger:
             self._file.write(line)
             self._file.flush()
         except OSError as exc:
+            self._failed = True
             raise self._error(exc) from None
 
     def close(self) -> None:
-        if not self._file.closed:
-            self._file.close()
+        """Close the file; after a failed write its unwritten line fails again here, which is not a second error
+        (the run is already stopping with the first)."""
+        if self._file.closed:
+            return
+        try:
+            self._file.close()  # the file is closed even when its last flush fails
+        except OSError as exc:
+            if not self._failed:
+                raise self._error(exc) from None
 
 
 class TensorBoardLogger:
