@@ -244,8 +244,8 @@ class LoggingConfig:
     wandb_project: str = _f("gndpo", "W&B project.")
     run_name: Optional[str] = _f(None, "Run name for W&B / plots; default: output_dir's name.")
     progress: bool = _f(True, "Show a progress bar.")
-    rollouts_every: int = _f(10, "Save rollout samples (tokens, log-probs, r_t, A_t) for `gndpo inspect` every N "
-                             "steps into RUN/rollouts/; 0 = never.")
+    rollouts_every: int = _f(10, "Save rollout samples (tokens, log-probs, r_t, A_t) for `gndpo inspect` into "
+                             "RUN/rollouts/ at the first step, every N steps and the last step; 0 = never.")
     outlier_grad_share: bool = _f(False, "Log outlier/top1pct_grad_share: the gradient norm from the 1 % of tokens "
                                   "with the largest |A_t| over the whole update's (two extra backward passes).")
     rollouts_per_step: int = _f(8, "Responses saved per such step, those holding the step's most extreme tokens "

@@ -123,6 +123,20 @@ def test_sigterm_saves_at_the_step_boundary_and_resume_is_exact(tiny_dir, tmp_pa
     assert steps_logged(out) == list(range(1, final + 1))
 
 
+def test_a_kill_between_a_checkpoint_and_its_metrics_line_loses_no_line(tiny_dir, tmp_path, reference):
+    """The window the kill -9 soak found: step 2's checkpoint complete, its metrics line not yet written. The
+    checkpoint carries the line; the resumed run writes it back, so every step is logged exactly once."""
+    out = tmp_path / "run"
+    train(cfg(tiny_dir, out, 2))
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    (out / "metrics.jsonl").write_text(lines[0] + "\n")  # as the kill left it
+    train(cfg(tiny_dir, out, 4, "trainer.resume=true"))
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert rows[1]["loss"] == json.loads(lines[1])["loss"]  # the same line, less the checkpoint's own timing
+    assert_bit_equal(weights(out, 4), weights(reference, 4))
+
+
 def test_nan_teacher_log_probs_never_reach_the_weights(tiny_dir, tmp_path, monkeypatch, capsys):
     import gndpo.teacher.hf
 

@@ -50,6 +50,24 @@ def test_the_page_is_self_contained(two_runs, tmp_path, capsys):
     assert all("outlier/max_abs_r" in row for row in data["runs"][0]["timeline"])
 
 
+def test_summary_prints_each_runs_medians(tmp_path, capsys):
+    rows = [{"step": 1, "outlier/max_abs_r": 4.0, "clamp_frac": 0.5, "outlier/top1pct_adv_share": 0.02,
+             "outlier/kurtosis_r": 1.0, "grad_norm": float("nan")},
+            {"step": 2, "outlier/max_abs_r": 9.0, "clamp_frac": 0.1, "outlier/top1pct_adv_share": 0.06,
+             "outlier/kurtosis_r": 3.0, "grad_norm": 2.0},
+            {"step": 3, "outlier/max_abs_r": 5.0, "clamp_frac": 0.3, "outlier/top1pct_adv_share": 0.04,
+             "outlier/kurtosis_r": 2.0, "grad_norm": 4.0}]
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["inspect", str(run), "--summary", "--labels", "OPD"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("| run | steps | median max |r_t| | median clamp fraction | median share of")
+    # medians of (4, 9, 5), (0.5, 0.1, 0.3), (0.02, 0.06, 0.04), (1, 3, 2); grad_norm: NaN skipped, (2, 4) -> 3
+    assert out[2] == "| OPD | 3 | 5 | 0.3 | 0.04 | 2 | 3 |"
+    assert not (run / "inspect.html").exists()
+
+
 def test_a_missing_run_is_one_line(tmp_path, capsys):
     assert main(["inspect", str(tmp_path / "nope")]) == 2
     assert "holds no metrics.jsonl" in capsys.readouterr().err

@@ -3,10 +3,11 @@
     python vlmeval_driver.py JOB.json
 
 Standard library + VLMEvalKit only: this file must not import gndpo (the harness's virtualenv does not have it),
-and gndpo imports it only for :func:`strip_think` and :func:`read_headline`, which need nothing else. The job file
-(written by :mod:`gndpo.eval.harness`) names the datasets, the OpenAI-compatible model endpoint, the decoding, the
-judge, and the JSON-lines file to which one result per dataset is appended as soon as it is scored. API keys come
-from the environment (``GNDPO_EVAL_MODEL_KEY``, ``GNDPO_EVAL_JUDGE_KEY``), never from the job file.
+and gndpo imports it only for :func:`strip_think`, :func:`read_headline`, :func:`scrubbed` and :func:`judge_alias`,
+which need nothing else. The job file (written by :mod:`gndpo.eval.harness`) names the datasets, the
+OpenAI-compatible model endpoint, the decoding, the judge, and the JSON-lines file to which one result per dataset
+is appended as soon as it is scored. API keys come from the environment (``GNDPO_EVAL_MODEL_KEY``,
+``GNDPO_EVAL_JUDGE_KEY``), never from the job file.
 
 For each dataset: the local TSV's MD5 is compared with VLMEvalKit's; a differing file (a fixture, a subset) is used
 as it is and reported ``"data": "unofficial"`` rather than re-downloaded. Predictions are made through
