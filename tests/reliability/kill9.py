@@ -57,12 +57,11 @@ def run(args: list[str], env: dict, marks: Path | None = None) -> subprocess.Pop
 
 
 def phase(marks: list[str], logged_before: int, logged_now: int, leftovers: list[str]) -> str:
-    """Where a kill landed, from the last phase mark of the killed process."""
+    """Where a kill landed, from the last phase mark of the killed process (``leftovers``: the ``.tmp-``
+    checkpoint directories it wrote)."""
     last = marks[-1] if marks else "start"
-    if leftovers:
-        return "checkpoint write"
-    if last == "checkpoint":  # written and renamed into place; the step's metrics line not yet (or just) written
-        return "checkpoint done, metrics line pending"
+    if last == "checkpoint":  # without a leftover: renamed into place, the step's metrics line not yet written
+        return "checkpoint write" if leftovers else "checkpoint done, metrics line pending"
     if last == "start":
         return "start-up (imports, config, data)"
     if last == "load":
@@ -90,6 +89,7 @@ def soak(root: Path, *, kills: int, steps: int, seed: int = 0, log=print) -> dic
         args = train_args(data, out, steps) + (["trainer.resume=true"] if (out / "metrics.jsonl").exists() else [])
         before = _lines(out / "metrics.jsonl")
         marks = root / f"marks-{k}.txt"
+        started = time.time()
         p = run(args, env, marks)
         aim, wait_for, delay = AIMS[k % len(AIMS)]
         deadline = time.monotonic() + 120
@@ -102,8 +102,9 @@ def soak(root: Path, *, kills: int, steps: int, seed: int = 0, log=print) -> dic
             break
         os.kill(p.pid, signal.SIGKILL)
         p.wait()
-        leftovers = [d.name for d in (out / "checkpoints").iterdir() if d.name.startswith(".tmp-")] \
-            if (out / "checkpoints").exists() else []
+        ckpts = out / "checkpoints"  # the half-written checkpoints of this process (an older one waits for the
+        leftovers = [d.name for d in ckpts.iterdir()  # next save's clean-up)
+                     if d.name.startswith(".tmp-") and d.stat().st_mtime >= started] if ckpts.exists() else []
         seen_steps.append(_lines(out / "metrics.jsonl"))
         where = phase(_marks(marks), before, seen_steps[-1], leftovers)
         phases[where] += 1

@@ -62,7 +62,7 @@ def test_summary_prints_each_runs_medians(tmp_path, capsys):
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert main(["inspect", str(run), "--summary", "--labels", "OPD"]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[0].startswith("| run | steps | median max |r_t| | median clamp fraction | median share of")
+    assert out[0].startswith("| run | steps | median max \\|r_t\\| | median clamp fraction | median share of")
     # medians of (4, 9, 5), (0.5, 0.1, 0.3), (0.02, 0.06, 0.04), (1, 3, 2); grad_norm: NaN skipped, (2, 4) -> 3
     assert out[2] == "| OPD | 3 | 5 | 0.3 | 0.04 | 2 | 3 |"
     assert not (run / "inspect.html").exists()

@@ -66,7 +66,7 @@ def summary(run_dirs: list[str], labels: list[str] | None = None) -> str:
 
     if labels and len(labels) != len(run_dirs):
         raise GndpoError(f"--labels gives {len(labels)} names for {len(run_dirs)} run directories")
-    lines = ["| run | steps | " + " | ".join(f"median {title}" for _, title in TIMELINE) + " |",
+    lines = ["| run | steps | " + " | ".join(f"median {title}".replace("|", "\\|") for _, title in TIMELINE) + " |",
              "|---|---|" + "---|" * len(TIMELINE)]
     for i, run_dir in enumerate(run_dirs):
         run = load_run(run_dir, labels[i] if labels else None)
