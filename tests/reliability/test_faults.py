@@ -143,9 +143,12 @@ def test_nan_teacher_log_probs_never_reach_the_weights(tiny_dir, tmp_path, monke
     real = gndpo.teacher.hf.HFTeacher.score
 
     def poisoned(self, rollouts):
-        lp = real(self, rollouts).clone()
+        import dataclasses
+
+        scores = real(self, rollouts)
+        lp = scores.logprobs.clone()
         lp[0, 0] = float("nan")
-        return lp
+        return dataclasses.replace(scores, logprobs=lp)
 
     monkeypatch.setattr(gndpo.teacher.hf.HFTeacher, "score", poisoned)
     out = tmp_path / "run"
@@ -165,26 +168,30 @@ def test_nonfinite_student_log_probs_advantages_loss_and_gradients_never_reach_t
     """One run, one poisoned place per step: the student's log-probs (+inf), the advantages (NaN), the loss (NaN,
     hence every gradient) and one gradient (+inf, after a clean backward). Each step is skipped and says why;
     after max_bad_steps=4 of them the run stops with one line; weights and optimizer state are untouched."""
+    import dataclasses
+
+    import gndpo.objective as objective
     import gndpo.train as tr
 
     step = {"n": 0}
-    real_lp, real_adv, real_loss, real_norm = (tr.rollout_logprobs, tr.compute_step_advantages,
-                                               tr.compute_policy_loss, tr.clip_grad_norm)
+    real_stats, real_adv, real_loss, real_norm = (tr.rollout_stats, tr.compute_step_advantages,
+                                                  objective.compute_policy_loss, tr.clip_grad_norm)
 
-    def student_lp(*args, **kwargs):  # called once per step, first: it also counts the steps
+    def student_lp(*args, **kwargs):  # the student's pre-update pass, once per step: it also counts the steps
         step["n"] += 1
-        lp = real_lp(*args, **kwargs)
+        stats = real_stats(*args, **kwargs)
         if step["n"] == 1:
-            lp = lp.clone()
+            lp = stats.logprobs.clone()
             lp[0, 0] = float("inf")
-        return lp
+            stats = dataclasses.replace(stats, logprobs=lp)
+        return stats
 
     def advantages(*args, **kwargs):
-        adv, metrics = real_adv(*args, **kwargs)
+        adv, metrics, div = real_adv(*args, **kwargs)
         if step["n"] == 2:
             adv = adv.clone()
             adv[1, 0] = float("nan")
-        return adv, metrics
+        return adv, metrics, div
 
     def loss(*args, **kwargs):
         value, metrics = real_loss(*args, **kwargs)
@@ -196,9 +203,10 @@ def test_nonfinite_student_log_probs_advantages_loss_and_gradients_never_reach_t
             next(p for p in params if p.grad is not None).grad.view(-1)[0] = float("inf")
         return real_norm(params, *args, **kwargs)
 
-    for name, fn in (("rollout_logprobs", student_lp), ("compute_step_advantages", advantages),
-                     ("compute_policy_loss", loss), ("clip_grad_norm", grad_norm)):
+    for name, fn in (("rollout_stats", student_lp), ("compute_step_advantages", advantages),
+                     ("clip_grad_norm", grad_norm)):
         monkeypatch.setattr(tr, name, fn)
+    monkeypatch.setattr(objective, "compute_policy_loss", loss)
     optimizer_steps, real_step = [], torch.optim.AdamW.step
 
     def counted_step(self, *args, **kwargs):
@@ -272,7 +280,7 @@ def test_an_unwritable_metrics_file_is_one_line(tiny_dir, tmp_path, monkeypatch,
 
     out = tmp_path / "run"
     metrics = os.path.realpath(out / "metrics.jsonl")
-    real_lp, step = tr.rollout_logprobs, {"n": 0}
+    real_stats, step = tr.rollout_stats, {"n": 0}
 
     def fill_the_disk(*args, **kwargs):  # once per step
         step["n"] += 1
@@ -282,9 +290,9 @@ def test_an_unwritable_metrics_file_is_one_line(tiny_dir, tmp_path, monkeypatch,
             full = os.open("/dev/full", os.O_WRONLY)
             os.dup2(full, fd)
             os.close(full)
-        return real_lp(*args, **kwargs)
+        return real_stats(*args, **kwargs)
 
-    monkeypatch.setattr(tr, "rollout_logprobs", fill_the_disk)
+    monkeypatch.setattr(tr, "rollout_stats", fill_the_disk)
     code = main(["train", *overrides(tiny_dir, out, 3)])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1, err

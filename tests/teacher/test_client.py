@@ -238,7 +238,7 @@ def test_a_server_that_comes_up_late_is_waited_for(serve, vlm_processor, caplog)
     assert waiting == [f"teacher server http://127.0.0.1:{port} does not accept connections yet; waiting up to 30 s "
                        f"for it to start (teacher.connect_timeout)"]  # said once, however many tries
     rollouts = make_rollouts()
-    assert torch.equal(teacher.score(rollouts), expected_scores(rollouts))
+    assert torch.equal(teacher.score(rollouts).logprobs, expected_scores(rollouts))
 
 
 def test_the_wait_for_a_starting_server_ends(serve, vlm_processor):
