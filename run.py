@@ -17,12 +17,15 @@ The evaluation-harness tier (tests/eval_tier) needs VLMEvalKit, which gndpo inst
 use; for the tests that is `.venv-eval/` (GNDPO_EVAL_VENV).
 The verl tier (tests/verl_tier) runs gndpo's verl plugin against the real verl package in `.venv-verl/`
 (GNDPO_VERL_VENV), built on first use: verl pins an older transformers than gndpo. GNDPO_SKIP_VERL=1 skips it.
+The page test of `gndpo inspect` renders in a headless Chromium: when none is installed and this runs as root
+(as CI does), Debian's `chromium` is installed with apt-get first; elsewhere that test is skipped with the reason.
 """
 from __future__ import annotations
 
 import hashlib
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import venv
@@ -138,6 +141,36 @@ def ensure_verl_venv() -> Path:
     return _python(VERL_VENV)
 
 
+CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome")
+PAGE_TESTS = "tests/report"
+
+
+def ensure_chromium() -> str | None:
+    """Install Debian's chromium for the page test when it is missing and we may (root, apt-get); None when a
+    Chromium is there, else why not (the test prints it as its skip reason)."""
+    if any(shutil.which(name) for name in CHROMIUM_NAMES):
+        return None
+    if shutil.which("apt-get") is None:
+        return "no Chromium here and no apt-get to install it (install chromium to run this test)"
+    if not hasattr(os, "geteuid") or os.geteuid() != 0:
+        return "no Chromium here and not root, so it cannot be installed (sudo apt-get install chromium)"
+    print("installing Debian's chromium for the gndpo inspect page test (apt-get, about a minute)", flush=True)
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "--no-install-recommends",
+                                                "chromium"]):
+        done = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if done.returncode:
+            last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            return f"apt-get could not install chromium: {last}"
+    return None if any(shutil.which(name) for name in CHROMIUM_NAMES) else "chromium installed but not on PATH"
+
+
+def _overlaps(path: str, folder: str) -> bool:
+    """Whether the pytest argument ``path`` (a file, folder or node id) selects tests in ``folder`` or above it."""
+    p = Path(path.split("::")[0]).as_posix().rstrip("/")
+    return p in ("", ".", folder) or folder.startswith(p + "/") or p.startswith(folder + "/")
+
+
 def run_tests(rest: list[str], env: dict) -> int:
     """pytest in the main virtualenv for every tier but vLLM's, the harness's and verl's, then the vLLM tier in its
     own virtualenv, then the harness tier (VLMEvalKit in .venv-eval, driven from the vLLM virtualenv where vLLM runs
@@ -156,6 +189,11 @@ def run_tests(rest: list[str], env: dict) -> int:
     codes = []
     if main_paths or not paths:
         py = str(ensure_venv("dev"))
+        if not paths or any(_overlaps(p, PAGE_TESTS) for p in main_paths):
+            why = ensure_chromium()
+            if why:
+                print(f"inspect page test: {why}", flush=True)
+                env = dict(env, GNDPO_NO_CHROMIUM=why)
         ignore = [] if paths else ["--ignore", VLLM_TESTS, "--ignore", EVAL_TESTS, "--ignore", VERL_TESTS]
         codes.append(_pytest(py, [*main_paths, *ignore, *options], env))
     if vllm_paths or not paths:

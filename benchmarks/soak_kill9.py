@@ -1,6 +1,8 @@
-"""The long fault-injection soak, run by hand: kill -9 a training run at many random moments, resume each time,
-then check that its final weights are bit-equal to an uninterrupted run's and that metrics.jsonl holds every
-step exactly once. CI runs the same procedure with a few kills (tests/reliability/test_kill9.py).
+"""The long fault-injection soak, run by hand: kill -9 a training run at many random moments (taking turns at any
+moment after a step, the model load and the first rollout of a restarted process), resume each time, then check
+that its final weights are bit-equal to an uninterrupted run's and that metrics.jsonl holds every step exactly
+once. Prints each kill and where it landed, then one summary line (the figures in docs/RELIABILITY.md). CI runs
+the same procedure with a few kills (tests/reliability/test_kill9.py).
 
     python3 run.py bench soak_kill9.py [--kills 25] [--steps 120] [--seed 0]
 """
@@ -28,9 +30,9 @@ def main() -> int:
         result = soak(Path(root), kills=opts.kills, steps=opts.steps, seed=opts.seed,
                       log=lambda line: print(line, flush=True))
     ok = result["bit_equal"] and result["steps_logged"] == result["expected_steps"]
-    print(f"\n{result['kills']} kills ({result['in_checkpoint_write']} inside a checkpoint write), "
-          f"{opts.steps} steps, {time.perf_counter() - start:.0f} s: final weights "
-          f"{'bit-equal' if result['bit_equal'] else 'DIFFERENT'} to the uninterrupted run; metrics.jsonl "
+    where = ", ".join(f"{n} in {phase}" for phase, n in sorted(result["phases"].items(), key=lambda x: -x[1]))
+    print(f"\n{result['kills']} kills ({where}), {opts.steps} steps, {time.perf_counter() - start:.0f} s: final "
+          f"weights {'bit-equal' if result['bit_equal'] else 'DIFFERENT'} to the uninterrupted run; metrics.jsonl "
           f"{'holds every step once' if result['steps_logged'] == result['expected_steps'] else 'is WRONG'}")
     return 0 if ok else 1
 

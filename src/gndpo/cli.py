@@ -288,8 +288,11 @@ def _eval_suite(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from gndpo.report.inspect import write_report
+    from gndpo.report.inspect import summary, write_report
 
+    if args.summary:
+        print(summary(args.runs, labels=args.labels), end="")
+        return 0
     out = Path(args.out) if args.out else Path(args.runs[0]) / "inspect.html"
     path = write_report(args.runs, out, labels=args.labels)
     print(f"wrote {path} (open it in a browser; it needs no network)")
@@ -425,6 +428,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("runs", nargs="+", help="run directories (metrics.jsonl; rollouts/ when saved)")
     p.add_argument("--out", help="output HTML file (default: RUN/inspect.html of the first run)")
     p.add_argument("--labels", nargs="+", help="one name per run")
+    p.add_argument("--summary", action="store_true",
+                   help="print each run's median outlier metrics over its steps (a table) instead of the page")
     p.set_defaults(func=_inspect)
 
     p = sub.add_parser("lab", help="the offline lab: GSPO vs OPD vs GNDPO on a synthetic multimodal task")

@@ -103,6 +103,9 @@ class TeacherConfig:
                           "server's API key (the key itself is never written to the config or the run directory).")
     timeout: float = _f(600.0, "teacher.backend=server: seconds one request may take.")
     retries: int = _f(3, "teacher.backend=server: retries of a failed request (with backoff) before the run stops.")
+    connect_timeout: float = _f(600.0, "teacher.backend=server: seconds to wait for a server that does not accept "
+                                "connections yet (one started beside the run, its engine still loading); 0 = fail "
+                                "at once.")
     check_compatibility: bool = _f(True, "Refuse to train unless student and teacher tokenize identically.")
 
 
@@ -241,8 +244,8 @@ class LoggingConfig:
     wandb_project: str = _f("gndpo", "W&B project.")
     run_name: Optional[str] = _f(None, "Run name for W&B / plots; default: output_dir's name.")
     progress: bool = _f(True, "Show a progress bar.")
-    rollouts_every: int = _f(10, "Save rollout samples (tokens, log-probs, r_t, A_t) for `gndpo inspect` every N "
-                             "steps into RUN/rollouts/; 0 = never.")
+    rollouts_every: int = _f(10, "Save rollout samples (tokens, log-probs, r_t, A_t) for `gndpo inspect` into "
+                             "RUN/rollouts/ at the first step, every N steps and the last step; 0 = never.")
     outlier_grad_share: bool = _f(False, "Log outlier/top1pct_grad_share: the gradient norm from the 1 % of tokens "
                                   "with the largest |A_t| over the whole update's (two extra backward passes).")
     rollouts_per_step: int = _f(8, "Responses saved per such step, those holding the step's most extreme tokens "
@@ -457,6 +460,7 @@ def validate(cfg: RunConfig) -> RunConfig:
                "teacher.backend=server needs teacher.url=http://HOST:PORT (a gndpo serve-teacher or vLLM server)")
     _check(te.timeout > 0, "teacher.timeout must be > 0 seconds")
     _check(te.retries >= 0, "teacher.retries must be >= 0")
+    _check(te.connect_timeout >= 0, "teacher.connect_timeout must be >= 0 seconds (0 = do not wait)")
     for section, v in (("rollout.vllm", cfg.rollout.vllm), ("teacher.vllm", te.vllm)):
         _check(0 < v.gpu_memory_utilization <= 1, f"{section}.gpu_memory_utilization must be in (0, 1]")
         _check(v.max_model_len is None or v.max_model_len >= 2, f"{section}.max_model_len must be >= 2 or null")

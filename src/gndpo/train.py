@@ -319,18 +319,20 @@ def train(cfg: RunConfig, *, dist: DistContext = LOCAL,
     sampler = PromptSampler(len(records), t_cfg.prompts_per_step, seed=t_cfg.seed, shuffle=cfg.data.shuffle)
     minibatch_gen = torch.Generator().manual_seed(t_cfg.seed)
 
-    start_step = 0
+    start_step, last_record = 0, None
     if resume_from is not None:
         state = ckpt.load_checkpoint(resume_from, model=saved, optimizer=optimizer, scheduler=scheduler)
         rollout.weights_changed()
         start_step = int(state["step"])
         sampler.load_state_dict(state["sampler"])
         minibatch_gen.set_state(state["minibatch_generator"])
+        last_record = state.get("metrics")  # the checkpoint's own step line, should the kill have cut it
         log.info("resumed from %s at step %d", resume_from, start_step)
 
     loggers = build_loggers(t_cfg.output_dir, tensorboard=cfg.logging.tensorboard, wandb=cfg.logging.wandb,
                             wandb_project=cfg.logging.wandb_project, run_name=cfg.logging.run_name,
-                            config=to_dict(cfg), resume_step=start_step if t_cfg.resume else None) \
+                            config=to_dict(cfg), resume_step=start_step if t_cfg.resume else None,
+                            resume_record=last_record) \
         if dist.is_main else MultiLogger([])
     from tqdm.auto import tqdm
 
@@ -340,7 +342,7 @@ def train(cfg: RunConfig, *, dist: DistContext = LOCAL,
     share = t_cfg.prompts_per_step // dist.world_size
     outliers = OutlierReport(t_cfg.output_dir, tokenizer_of(processor), every=cfg.logging.rollouts_every,
                              per_step=cfg.logging.rollouts_per_step, clamp=a.reward_clamp if teacher else None,
-                             enabled=dist.is_main)  # per-token diagnostics: metrics + samples for gndpo inspect
+                             enabled=dist.is_main, last_step=t_cfg.total_steps)  # metrics + samples for gndpo inspect
     bad_run = 0  # consecutive steps with non-finite values
     signals = SignalFlag()  # SIGTERM/SIGINT: finish the step, then stop (checkpoint.on_signal)
     try:
@@ -411,7 +413,7 @@ def train(cfg: RunConfig, *, dist: DistContext = LOCAL,
             if should_save(cfg, done) or (stop and cfg.checkpoint.on_signal == "save"):
                 ckpt.save_checkpoint(t_cfg.output_dir, done, model=saved, optimizer=optimizer, scheduler=scheduler,
                                      processor=processor, config=to_dict(cfg), keep_last=cfg.checkpoint.keep_last,
-                                     state={"step": done, "sampler": sampler.state_dict(),
+                                     state={"step": done, "sampler": sampler.state_dict(), "metrics": dict(metrics),
                                             "minibatch_generator": minibatch_gen.get_state(),
                                             "source_dtype": student.source_dtype}, dist=dist)
             t_end = time.perf_counter()

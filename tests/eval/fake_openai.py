@@ -2,8 +2,10 @@
 
 Reply selection, first match wins: VLMEvalKit's ``hello`` probe -> a greeting; a rule ``{"model", "contains":
 [...], "reply"}`` whose substrings all occur in the request's text (``"status": 500`` answers that HTTP error
-instead); otherwise ``default``. Every request is recorded in ``requests`` (model, text head, image count,
-sampling parameters, Authorization header).
+instead); otherwise ``default``. Every chat request is recorded in ``requests`` (model, text head, image count,
+sampling parameters, Authorization header), every request of any kind in ``hits`` (method, path, Authorization).
+``down_after_models``: the server answers one ``GET /models`` (gndpo's check before it starts), then stops
+listening, as a judge that goes away.
 """
 import json
 import threading
@@ -13,11 +15,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
 class FakeOpenAI:
-    def __init__(self, rules=(), *, models=("fixture-vlm", "fixture-judge"), default="Z", broken_chat=False,
-                 key=None):
+    def __init__(self, rules=(), *, models=("fixture-vlm", "fixture-org/judge-1"), default="Z", broken_chat=False,
+                 key=None, down_after_models=False):
         self.rules, self.models, self.default = list(rules), list(models), default
-        self.broken_chat, self.key = broken_chat, key
-        self.requests = []
+        self.broken_chat, self.key, self.down_after_models = broken_chat, key, down_after_models
+        self.requests, self.hits = [], []
         self.lock = threading.Lock()
         outer = self
 
@@ -36,6 +38,9 @@ class FakeOpenAI:
                 self.wfile.write(body)
 
             def authorized(self):
+                with outer.lock:
+                    outer.hits.append({"method": self.command, "path": self.path,
+                                       "auth": self.headers.get("Authorization")})
                 if outer.key and self.headers.get("Authorization") != f"Bearer {outer.key}":
                     self.send(401, {"error": {"message": "bad key"}})
                     return False
@@ -46,6 +51,8 @@ class FakeOpenAI:
                     return
                 if self.path.rstrip("/").endswith("/models"):
                     self.send(200, {"object": "list", "data": [{"id": m, "object": "model"} for m in outer.models]})
+                    if outer.down_after_models:
+                        threading.Thread(target=outer.__exit__, daemon=True).start()
                 else:
                     self.send(404, {"error": {"message": "not found"}})
 
@@ -69,12 +76,16 @@ class FakeOpenAI:
                     outer.requests.append({"model": req.get("model"), "text": text[:300], "images": images,
                                            "params": {k: v for k, v in req.items() if k != "messages"},
                                            "auth": self.headers.get("Authorization")})
+                if isinstance(reply, int):  # a rule's "status": that HTTP error
+                    self.send(reply, {"error": {"message": f"injected HTTP {reply}"}})
+                    return
                 self.send(200, {"id": "chatcmpl-" + uuid.uuid4().hex[:12], "object": "chat.completion",
                                 "created": int(time.time()), "model": req.get("model"),
                                 "choices": [{"index": 0, "finish_reason": "stop",
                                              "message": {"role": "assistant", "content": reply}}],
                                 "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}})
 
+        self.closed = False
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
@@ -84,7 +95,7 @@ class FakeOpenAI:
             return "Hello!"
         for rule in self.rules:
             if rule.get("model") in (None, "*", model) and all(t in text for t in rule["contains"]):
-                return rule["reply"]
+                return rule.get("status") or rule["reply"]
         return self.default
 
     @property
@@ -96,6 +107,10 @@ class FakeOpenAI:
         return self
 
     def __exit__(self, *exc):
+        with self.lock:
+            if self.closed:
+                return
+            self.closed = True
         self.server.shutdown()
         self.server.server_close()
 

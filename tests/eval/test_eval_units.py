@@ -1,6 +1,8 @@
 """The suite's pieces without the harness: think stripping, headline numbers from the harness's score files,
 the table (Overall, marks, the comparison row), resume settings, mean@K / pass@K, and one-line refusals."""
 import json
+import tempfile
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -77,14 +79,92 @@ def test_table_overall_marks_and_deltas():
     assert rows["Δ trained − base"] == ["+3.5", "+1.0", "+1.0", "+3.0", "+2.0", "+1.0", "+2.0", "+1.9"]
     assert md.splitlines()[4].startswith("| model | MathVista | MMMU | MathVision | MathVerse | DynaMath | WeMath | "
                                          "LogicVista | Overall |")
-    # rule-only and refused cells are marked; Overall needs every column
+    keys = [b.key for b in BENCHMARKS]
+    assert report.overall(dict(zip(keys, base))) == pytest.approx(30.0)
+    # rule-only and refused cells are marked; the paper's Overall needs all seven, each scored with a judge
     marked = [cell(50.0, rule_only=True)] + base[1:-1] + [{"refused": True}]
     md = report.format_markdown(state_with({"m": marked}))
-    row = next(line for line in md.splitlines() if line.startswith("| m "))
-    assert "50.0†" in row and "n/a‡" in row and row.rstrip(" |").endswith("—")
+    row = [c.strip() for c in next(line for line in md.splitlines() if line.startswith("| m ")).split("|")[2:-1]]
+    assert row[0] == "50.0†" and row[6] == "n/a‡"
+    assert row[7] == f"{(50 + 40 + 20 + 30 + 10 + 25) / 6:.1f} (mean of 6, 1 rule-only)"  # says what it is
     assert "† scored without a judge" in md and "‡ not scored" in md
-    assert report.overall(base) == pytest.approx(30.0)
-    assert report.overall(base[:-1] + [None]) is None
+    assert report.overall(dict(zip(keys, marked))) is None
+    all_judged_but_one_rule_only = [cell(50.0, rule_only=True)] + base[1:]
+    assert report.overall(dict(zip(keys, all_judged_but_one_rule_only))) is None
+    assert report.overall(dict(zip(keys[:-1], base[:-1]))) is None
+
+
+def test_overall_of_a_subset_says_what_it_is():
+    """--benchmarks picks 3 of the 7, scored without a judge: never an Overall, the mean labelled as what it is."""
+    results = {"mmmu": cell(50.0, rule_only=True), "dynamath": cell(40.0, rule_only=True),
+               "wemath": cell(60.0, rule_only=True)}
+    state = state_with({})
+    state["benchmarks"] = ["mmmu", "dynamath", "wemath"]
+    state["models"] = {"m": {"path": "m", "results": results}}
+    report.save_state(Path(state_dir := tempfile.mkdtemp()), state)
+    md = Path(state_dir, "eval.md").read_text()
+    assert "| model | MMMU | DynaMath | WeMath | Overall |" in md
+    assert "| m | 50.0† | 40.0† | 60.0† | 50.0 (mean of 3, rule-only) |" in md
+    assert json.loads(Path(state_dir, "eval.json").read_text())["models"]["m"]["overall"] is None
+    # judged, still 3 of 7: a mean of 3, not an Overall; the comparison row compares like with like
+    judged = {k: cell(v["score"] + 1.0) for k, v in results.items()}
+    state["models"] = {"a": {"path": "a", "results": judged}, "b": {"path": "b", "results": results}}
+    state["compare"] = ["b", "a"]
+    md = report.format_markdown(state)
+    assert "| a | 51.0 | 41.0 | 61.0 | 51.0 (mean of 3) |" in md
+    assert "| Δ a − b | +1.0 | +1.0 | +1.0 | — |" in md  # judged vs rule-only means: no delta
+
+
+def test_a_failed_benchmark_holds_no_score():
+    keys = [b.key for b in BENCHMARKS]
+    results = dict(zip(keys, [cell(x) for x in (50.0, 40.0, 20.0, 30.0, 10.0, 25.0, 35.0)]))
+    results["mmmu"] = {"failed": "the judge failed 3 of 4 calls (...)", "judge_failed": 3, "judge_calls": 4}
+    state = state_with({})
+    state["models"] = {"m": {"path": "m", "results": results}}
+    md = report.format_markdown(state)
+    row = [c.strip() for c in next(line for line in md.splitlines() if line.startswith("| m ")).split("|")[2:-1]]
+    assert row[1] == "failed§" and row[7] == f"{(50 + 20 + 30 + 10 + 25 + 35) / 6:.1f} (mean of 6)"
+    assert "§ not scored: the judge failed" in md and report.overall(results) is None
+
+
+def test_judge_names_become_safe_file_names_and_secrets_never_reach_the_harness():
+    from gndpo.eval.vlmeval_driver import judge_alias, scrubbed
+
+    assert judge_alias("Qwen/Qwen2.5-72B-Instruct") == "Qwen-Qwen2.5-72B-Instruct"
+    assert judge_alias("gpt-4o-mini") == "gpt-4o-mini" and judge_alias("exact_matching") != "exact_matching"
+    env = {"OPENAI_API_KEY": "k", "OPENAI_API_BASE": "u", "AZURE_OPENAI_ENDPOINT": "u", "LOCAL_LLM": "x",
+           "BOYUE": "1", "BOYUE_API_BASE": "u", "STEPAI_API_KEY": "k", "HF_TOKEN": "t", "AWS_SECRET_ACCESS_KEY": "s",
+           "MY_JUDGE_BASE_URL": "u", "PATH": "/bin", "HOME": "/root", "TOKENIZERS_PARALLELISM": "false",
+           "HTTP_PROXY": "p", "LMUData": "/d", "OMP_NUM_THREADS": "1"}
+    assert scrubbed(env) == {"PATH": "/bin", "HOME": "/root", "TOKENIZERS_PARALLELISM": "false", "HTTP_PROXY": "p",
+                             "LMUData": "/d", "OMP_NUM_THREADS": "1"}
+
+
+def test_eval_json_records_the_installed_harness_version(tmp_path, monkeypatch, capsys):
+    """The version comes from the harness's own python, and a table made with one version refuses another."""
+    import gndpo.eval.harness as harness
+    from fake_openai import FakeOpenAI
+
+    def fake_python(version):
+        script = tmp_path / f"python-{version}"
+        script.write_text(f"#!/bin/sh\ncase \"$2\" in *importlib.metadata*) echo {version};; esac\nexit 0\n")
+        script.chmod(0o755)
+        return script
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "MMMU_DEV_VAL.tsv").write_text("index\n")
+    out = tmp_path / "eval"
+    with FakeOpenAI(models=["served"]) as server:
+        args = ["eval", "served", "--base-url", server.url, "--benchmarks", "mmmu", "--judge", "none", "--data-dir",
+                str(data), "--out", str(out)]
+        monkeypatch.setattr(harness, "ensure_harness", lambda log=print: fake_python("0.0.21"))
+        assert main(args) == 0, capsys.readouterr().err  # the fake harness reports nothing: nothing scored
+        assert json.loads((out / "eval.json").read_text())["harness"] == {
+            "name": "VLMEvalKit", "package": "ms-vlmeval", "version": "0.0.21"}
+        monkeypatch.setattr(harness, "ensure_harness", lambda log=print: fake_python("0.0.20"))
+        assert main(args) == 2
+    assert "was scored with harness" in capsys.readouterr().err
 
 
 def test_other_settings_are_refused_on_an_existing_table(tmp_path):
@@ -168,7 +248,8 @@ def test_without_vllm_the_suite_says_how_to_serve(tmp_path, capsys, monkeypatch)
 
     import gndpo.eval.harness as harness
 
-    monkeypatch.setattr(harness, "ensure_harness", lambda log=print: "/harness/python")  # not reached
+    monkeypatch.setattr(harness, "ensure_harness", lambda log=print: "/harness/python")
+    monkeypatch.setattr(harness, "harness_version", lambda python: "0.0.20")
     monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None if name == "vllm" else object())
     data = tmp_path / "data"
     data.mkdir()

@@ -18,7 +18,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 VLM = "fixture-vlm"
-JUDGE = "fixture-judge"
+JUDGE = "fixture-org/judge-1"  # a "/" as in Qwen/Qwen2.5-72B-Instruct: VLMEvalKit puts the name in file paths
 
 
 def png_b64(seed, size=32):

@@ -112,9 +112,29 @@ def test_sigterm_saves_at_the_step_boundary_and_resume_is_exact(tiny_dir, tmp_pa
     assert last.startswith("stopped by SIGTERM after step ") and "written; resume with --resume" in last
     stopped = int(last.split("after step ")[1].split(":")[0])
     assert ckpt.latest_checkpoint(out).name == f"step-{stopped:06d}" and steps_logged(out) == list(range(1, stopped + 1))
-    if stopped < 4:  # the resumed run ends where the uninterrupted one did
-        train(cfg(tiny_dir, out, 4, "trainer.resume=true", "checkpoint.every=0"))
-        assert_bit_equal(weights(out, 4), weights(reference, 4))
+    # wherever the signal landed, the resumed run trains on and ends bit-equal to an uninterrupted run of as many
+    # steps (the 4-step reference, or a longer one when the signal came later)
+    final = max(4, stopped + 1)
+    if final > 4:
+        reference = tmp_path / "reference"
+        train(cfg(tiny_dir, reference, final, "checkpoint.every=0"))
+    train(cfg(tiny_dir, out, final, "trainer.resume=true", "checkpoint.every=0"))
+    assert_bit_equal(weights(out, final), weights(reference, final))
+    assert steps_logged(out) == list(range(1, final + 1))
+
+
+def test_a_kill_between_a_checkpoint_and_its_metrics_line_loses_no_line(tiny_dir, tmp_path, reference):
+    """The window the kill -9 soak found: step 2's checkpoint complete, its metrics line not yet written. The
+    checkpoint carries the line; the resumed run writes it back, so every step is logged exactly once."""
+    out = tmp_path / "run"
+    train(cfg(tiny_dir, out, 2))
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    (out / "metrics.jsonl").write_text(lines[0] + "\n")  # as the kill left it
+    train(cfg(tiny_dir, out, 4, "trainer.resume=true"))
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert rows[1]["loss"] == json.loads(lines[1])["loss"]  # the same line, less the checkpoint's own timing
+    assert_bit_equal(weights(out, 4), weights(reference, 4))
 
 
 def test_nan_teacher_log_probs_never_reach_the_weights(tiny_dir, tmp_path, monkeypatch, capsys):
@@ -123,9 +143,12 @@ def test_nan_teacher_log_probs_never_reach_the_weights(tiny_dir, tmp_path, monke
     real = gndpo.teacher.hf.HFTeacher.score
 
     def poisoned(self, rollouts):
-        lp = real(self, rollouts).clone()
+        import dataclasses
+
+        scores = real(self, rollouts)
+        lp = scores.logprobs.clone()
         lp[0, 0] = float("nan")
-        return lp
+        return dataclasses.replace(scores, logprobs=lp)
 
     monkeypatch.setattr(gndpo.teacher.hf.HFTeacher, "score", poisoned)
     out = tmp_path / "run"
@@ -138,6 +161,77 @@ def test_nan_teacher_log_probs_never_reach_the_weights(tiny_dir, tmp_path, monke
     assert [r["bad_step"] for r in rows] == [1.0, 1.0, 1.0] and all(r["bad/teacher_logprobs"] == 1.0 for r in rows)
     assert all(math.isnan(r["loss"]) and r["update_skipped"] == 1.0 for r in rows)
     assert_bit_equal({k: v for k, v in weights(out, 3).items()}, {k: before[k] for k in weights(out, 3)})
+
+
+def test_nonfinite_student_log_probs_advantages_loss_and_gradients_never_reach_the_weights(tiny_dir, tmp_path,
+                                                                                            monkeypatch, capsys):
+    """One run, one poisoned place per step: the student's log-probs (+inf), the advantages (NaN), the loss (NaN,
+    hence every gradient) and one gradient (+inf, after a clean backward). Each step is skipped and says why;
+    after max_bad_steps=4 of them the run stops with one line; weights and optimizer state are untouched."""
+    import dataclasses
+
+    import gndpo.objective as objective
+    import gndpo.train as tr
+
+    step = {"n": 0}
+    real_stats, real_adv, real_loss, real_norm = (tr.rollout_stats, tr.compute_step_advantages,
+                                                  objective.compute_policy_loss, tr.clip_grad_norm)
+
+    def student_lp(*args, **kwargs):  # the student's pre-update pass, once per step: it also counts the steps
+        step["n"] += 1
+        stats = real_stats(*args, **kwargs)
+        if step["n"] == 1:
+            lp = stats.logprobs.clone()
+            lp[0, 0] = float("inf")
+            stats = dataclasses.replace(stats, logprobs=lp)
+        return stats
+
+    def advantages(*args, **kwargs):
+        adv, metrics, div = real_adv(*args, **kwargs)
+        if step["n"] == 2:
+            adv = adv.clone()
+            adv[1, 0] = float("nan")
+        return adv, metrics, div
+
+    def loss(*args, **kwargs):
+        value, metrics = real_loss(*args, **kwargs)
+        return (value * float("nan"), metrics) if step["n"] == 3 else (value, metrics)
+
+    def grad_norm(params, *args, **kwargs):
+        if step["n"] == 4:
+            assert all(torch.isfinite(p.grad).all() for p in params if p.grad is not None)  # a clean backward
+            next(p for p in params if p.grad is not None).grad.view(-1)[0] = float("inf")
+        return real_norm(params, *args, **kwargs)
+
+    for name, fn in (("rollout_stats", student_lp), ("compute_step_advantages", advantages),
+                     ("clip_grad_norm", grad_norm)):
+        monkeypatch.setattr(tr, name, fn)
+    monkeypatch.setattr(objective, "compute_policy_loss", loss)
+    optimizer_steps, real_step = [], torch.optim.AdamW.step
+
+    def counted_step(self, *args, **kwargs):
+        # Distributed Checkpoint's save calls step() once with lr 0 and zero gradients to create the state it
+        # saves (torch.distributed.checkpoint.state_dict._init_optim_state): not an update
+        if any(float(g["lr"]) != 0.0 for g in self.param_groups):
+            optimizer_steps.append(step["n"])
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", counted_step)
+    out = tmp_path / "run"
+    before = load_file(str(tiny_dir / "text_student" / "model.safetensors"))
+    code = main(["train", *overrides(tiny_dir, out, 10, "trainer.max_bad_steps=4")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith(
+        "error: 4 consecutive steps (up to step 4) had non-finite values (bad/gradients); none updated the weights")
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [r["bad_step"] for r in rows] == [1.0] * 4 and all(r["update_skipped"] == 1.0 for r in rows)
+    assert rows[0]["bad/student_logprobs"] == 1.0 and rows[1]["bad/advantages"] == 1.0
+    assert rows[2]["bad/gradients"] == 1.0 and math.isnan(rows[2]["loss"]) and math.isnan(rows[2]["grad_norm"])
+    assert rows[3]["bad/gradients"] == 1.0 and math.isfinite(rows[3]["loss"]) and rows[3]["grad_norm"] == math.inf
+    assert [sum(r[k] > 0 for k in ("bad/teacher_logprobs", "bad/student_logprobs", "bad/advantages",
+                                   "bad/gradients")) for r in rows] == [1, 1, 1, 1]  # each step names its cause
+    assert_bit_equal(weights(out, 4), {k: before[k] for k in weights(out, 4)})
+    assert optimizer_steps == []  # AdamW never stepped: its moments hold nothing of these steps
 
 
 @pytest.mark.parametrize("where", ["manifest", "shards"])
@@ -177,18 +271,35 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(tiny_dir, tmp_path
     assert_bit_equal(weights(out, 4), weights(reference, 4))
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full") or not os.path.isdir("/proc/self/fd"),
+                    reason="needs Linux's /dev/full and /proc/self/fd to fill the disk under the metrics file")
 def test_an_unwritable_metrics_file_is_one_line(tiny_dir, tmp_path, monkeypatch, capsys):
-    from gndpo.report import loggers
+    """The disk fills under metrics.jsonl during step 2: its open descriptor is pointed at /dev/full, so the real
+    JsonlLogger.log gets the operating system's ENOSPC from its write, and so does the close that follows."""
+    import gndpo.train as tr
 
-    def refuse(self, metrics, step):
-        raise self._error(OSError(errno.EACCES, "Permission denied"))
+    out = tmp_path / "run"
+    metrics = os.path.realpath(out / "metrics.jsonl")
+    real_stats, step = tr.rollout_stats, {"n": 0}
 
-    monkeypatch.setattr(loggers.JsonlLogger, "log", refuse)
-    code = main(["train", *overrides(tiny_dir, tmp_path / "run", 2)])
+    def fill_the_disk(*args, **kwargs):  # once per step
+        step["n"] += 1
+        if step["n"] == 2:
+            [fd] = [int(fd) for fd in os.listdir("/proc/self/fd")
+                    if os.path.realpath(f"/proc/self/fd/{fd}") == metrics]
+            full = os.open("/dev/full", os.O_WRONLY)
+            os.dup2(full, fd)
+            os.close(full)
+        return real_stats(*args, **kwargs)
+
+    monkeypatch.setattr(tr, "rollout_stats", fill_the_disk)
+    code = main(["train", *overrides(tiny_dir, out, 3)])
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1 and err[0].startswith("error: cannot write the metrics file")
-    assert "Permission denied" in err[0]
-    assert ckpt.latest_checkpoint(tmp_path / "run").name == "step-000001"  # saved before the log line failed
+    assert code == 2 and len(err) == 1, err
+    assert err[0] == (f"error: cannot write the metrics file {out / 'metrics.jsonl'}: No space left on device; free "
+                      f"space or fix permissions, then resume (checkpoints already written are intact)")
+    assert ckpt.latest_checkpoint(out).name == "step-000002"  # saved before the log line failed
+    assert steps_logged(out) == [1]
 
 
 def test_training_error_is_a_user_facing_error():

@@ -66,6 +66,15 @@ def test_report_saves_the_extreme_responses_first(tmp_path):
     assert len(load_rollouts(tmp_path)) == 1 and "outlier/kurtosis_r" in rec.metrics
 
 
+def test_samples_are_saved_at_the_first_the_last_and_every_nth_step():
+    report = OutlierReport("unused", Tok(), every=10, per_step=2, clamp=5.0, last_step=25)
+    assert [s for s in range(1, 26) if report.saves(s)] == [1, 10, 20, 25]
+    short = OutlierReport("unused", Tok(), every=10, per_step=2, clamp=5.0, last_step=3)
+    assert [s for s in range(1, 4) if short.saves(s)] == [1, 3]  # a short run still has samples to inspect
+    never = OutlierReport("unused", Tok(), every=0, per_step=2, clamp=5.0, last_step=3)
+    assert not any(never.saves(s) for s in range(1, 4))  # 0 = never, the first and last steps included
+
+
 @pytest.mark.slow
 def test_grad_share_diagnostic_measures_without_changing_the_update(tiny_dir, tmp_path):
     import json

@@ -129,3 +129,25 @@ def test_wandb_logger_with_a_fake_module_keeps_its_run_id_on_resume(tmp_path, mo
     assert calls[1].kw["id"] == "run123" and calls[1].kw["resume"] == "allow" and calls[1].kw["name"] == "named"
     assert isinstance(WandbLogger, type)
     assert json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])["step"] == 1
+
+
+def test_a_resume_writes_back_the_checkpoints_own_line_when_a_kill_cut_it(tmp_path):
+    """A kill after checkpoint step-3 was complete but before its metrics line: the resumed run's log gets the
+    line back from the checkpoint (which carries it), so the file holds every step exactly once."""
+    from gndpo.report.loggers import JsonlLogger, read_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    first = JsonlLogger(path)
+    for step in (1, 2):
+        first.log({"loss": float(step)}, step)
+    first.close()
+    again = JsonlLogger(path, resume_step=3, resume_record={"loss": 3.0, "step": 99})
+    again.log({"loss": 4.0}, 4)
+    again.close()
+    assert [(r["step"], r["loss"]) for r in read_metrics(path)] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 4.0)]
+    assert again.recovered == {"step": 3, "loss": 3.0}
+    # a line already there is kept, never doubled; lines past the checkpoint are dropped as before
+    third = JsonlLogger(path, resume_step=3, resume_record={"loss": -1.0})
+    third.close()
+    assert [(r["step"], r["loss"]) for r in read_metrics(path)] == [(1, 1.0), (2, 2.0), (3, 3.0)]
+    assert third.recovered is None

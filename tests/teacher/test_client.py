@@ -29,7 +29,7 @@ NEG_INF_TOKEN = 50  # the fake teachers give this token zero probability
 class FakeServer:
     """An HTTP server in a thread; ``routes`` maps a path to ``fn(body, full_path) -> (status, dict | bytes)``."""
 
-    def __init__(self, routes):
+    def __init__(self, routes, port=0):
         self.routes, self.calls, self.paths = routes, collections.Counter(), []
         self.auth, self.in_flight, self.max_in_flight = [], 0, 0
         lock, fake = threading.Lock(), self
@@ -66,7 +66,7 @@ class FakeServer:
 
             do_GET = do_POST = _handle
 
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self.httpd.daemon_threads = True
         threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
@@ -80,8 +80,8 @@ class FakeServer:
 def serve():
     servers = []
 
-    def start(routes):
-        servers.append(FakeServer(routes))
+    def start(routes, port=0):
+        servers.append(FakeServer(routes, port))
         return servers[-1]
 
     yield start
@@ -146,7 +146,7 @@ def score_route(processor, seen=None, *, delay=0.0):
 
 def client(url, processor, **kw):
     kw = {"api_key": None, "suffix": None, "micro_batch_size": 2, "timeout": 5.0, "retries": 0, "backoff": 0.01,
-          **kw}
+          "connect_timeout": 0.0, **kw}
     return ServerTeacher(url, processor=processor, **kw)
 
 
@@ -210,13 +210,50 @@ def test_empty_responses_are_not_sent(serve, vlm_processor):
 # ---------------------------------------------------------------- failures, each one line
 
 
-def test_unreachable_url(vlm_processor):
+def closed_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]  # closed when the block ends: nobody listens there
+        return s.getsockname()[1]  # closed when the block ends: nobody listens there
+
+
+def test_unreachable_url(vlm_processor):
+    port = closed_port()
     message = one_line_error(lambda: client(f"http://127.0.0.1:{port}", vlm_processor, retries=1),
                              "failed GET /fingerprint on all 2 attempts: connection refused")
     assert f"127.0.0.1:{port}" in message
+
+
+def test_a_server_that_comes_up_late_is_waited_for(serve, vlm_processor, caplog):
+    """serve-teacher and train started together: connections are refused while the server's engine loads."""
+    port = closed_port()
+    timer = threading.Timer(2.5, lambda: serve({"/fingerprint": fingerprint_route(vlm_processor),
+                                                "/score": score_route(vlm_processor)}, port))
+    timer.start()
+    start = time.perf_counter()
+    with caplog.at_level(logging.INFO, logger="gndpo"):
+        teacher = client(f"http://127.0.0.1:{port}", vlm_processor, connect_timeout=30.0, retries=0)
+    timer.join()
+    assert 2.5 <= time.perf_counter() - start < 10 and teacher.mode == "gndpo"
+    waiting = [r.getMessage() for r in caplog.records if "does not accept connections yet" in r.getMessage()]
+    assert waiting == [f"teacher server http://127.0.0.1:{port} does not accept connections yet; waiting up to 30 s "
+                       f"for it to start (teacher.connect_timeout)"]  # said once, however many tries
+    rollouts = make_rollouts()
+    assert torch.equal(teacher.score(rollouts).logprobs, expected_scores(rollouts))
+
+
+def test_the_wait_for_a_starting_server_ends(serve, vlm_processor):
+    port = closed_port()
+    start = time.perf_counter()
+    message = one_line_error(lambda: client(f"http://127.0.0.1:{port}", vlm_processor, connect_timeout=1.5,
+                                            retries=3),
+                             r"failed GET /fingerprint: connection refused .*; waited 1.5 s for it to start "
+                             r"\(teacher.connect_timeout\)")
+    assert 1.5 <= time.perf_counter() - start < 5 and f"127.0.0.1:{port}" in message
+    # a server that answers, even with an error, is not waited for
+    fake = serve({"/fingerprint": lambda body, path: (401, {"error": "API key refused"})})
+    start = time.perf_counter()
+    one_line_error(lambda: client(fake.url, vlm_processor, connect_timeout=60.0), "requires an API key")
+    assert time.perf_counter() - start < 2 and fake.calls["/fingerprint"] == 1
 
 
 def test_timeout(serve, vlm_processor):
@@ -391,3 +428,18 @@ def test_serve_teacher_without_the_server_packages_is_one_line(capsys):
 
     assert main(["serve-teacher", "some/model"]) == 2
     assert capsys.readouterr().err.strip().startswith("error: gndpo serve-teacher needs vLLM's server packages")
+
+
+def test_teacher_connect_timeout_reaches_the_client(vlm_processor):
+    from gndpo.backends import build_teacher
+    from gndpo.config import load_config
+    from gndpo.errors import ConfigError
+
+    port = closed_port()
+    base = ["model.path=m", "data.train=d.jsonl", "teacher.backend=server", f"teacher.url=http://127.0.0.1:{port}"]
+    cfg = load_config(None, [*base, "teacher.connect_timeout=1", "teacher.retries=0"])
+    one_line_error(lambda: build_teacher(cfg, vlm_processor, suffix=None, records=[], device="cpu", images={}),
+                   r"waited 1 s for it to start \(teacher.connect_timeout\)")
+    assert load_config(None, base).teacher.connect_timeout == 600.0  # generous by default
+    with pytest.raises(ConfigError, match="teacher.connect_timeout must be >= 0"):
+        load_config(None, [*base, "teacher.connect_timeout=-1"])

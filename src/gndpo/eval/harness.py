@@ -19,6 +19,7 @@ from typing import Callable
 
 from gndpo.errors import GndpoError
 from gndpo.eval.benchmarks import HARNESS
+from gndpo.eval.vlmeval_driver import scrubbed
 
 REQUIREMENTS = (f"{HARNESS['package']}=={HARNESS['version']}", "pandas<3", "torch==2.14.1", "torchvision==0.29.1")
 DRIVER = Path(__file__).with_name("vlmeval_driver.py")
@@ -69,7 +70,8 @@ def run_job(python: Path, job: dict, *, log_file: Path, env: dict[str, str],
     result_file.unlink(missing_ok=True)
     job_file = result_file.with_name(result_file.name.replace(".results.jsonl", ".job.json"))
     job_file.write_text(json.dumps(job, indent=1))
-    child_env = {k: v for k, v in os.environ.items() if not k.startswith(("GNDPO_EVAL_", "PYTHON"))}
+    # no credentials or API endpoints of this environment reach the harness: only the keys gndpo passes in ``env``
+    child_env = scrubbed({k: v for k, v in os.environ.items() if not k.startswith(("GNDPO_EVAL_", "PYTHON"))})
     child_env.update(env, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
     Path(job["work_dir"]).mkdir(parents=True, exist_ok=True)
     results: list[dict] = []
@@ -101,7 +103,15 @@ def run_job(python: Path, job: dict, *, log_file: Path, env: dict[str, str],
 
 
 def harness_version(python: Path) -> str:
-    out = subprocess.run([str(python), "-c", "import importlib.metadata as m; print(m.version('ms-vlmeval'))"],
-                         capture_output=True, text=True)
-    return out.stdout.strip() or "unknown"
+    """The version of VLMEvalKit installed beside ``python`` (what eval.json records), or a one-line error."""
+    try:
+        out = subprocess.run([str(python), "-c", f"import importlib.metadata as m; print(m.version("
+                              f"{HARNESS['package']!r}))"], capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise HarnessError(f"cannot run the harness's python {python}: {exc}") from None
+    version = out.stdout.strip()
+    if out.returncode or not version:
+        last = (out.stderr.strip().splitlines() or ["no output"])[-1]
+        raise HarnessError(f"cannot read the installed {HARNESS['package']} version with {python}: {last}")
+    return version
 

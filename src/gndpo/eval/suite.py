@@ -114,15 +114,20 @@ def run_suite(models: list[ModelSpec], benchmarks: list[Benchmark], *, out: Path
     if base_url is not None:
         check_endpoint("the model server", base_url, os.environ.get(MODEL_KEY_ENV), models[0].path)
 
+    python = None
+    if any(b.runner == "vlmeval" for b in runnable):  # the table records the version actually installed
+        python = harness_mod.ensure_harness(log)
+        harness = dict(HARNESS, version=harness_mod.harness_version(python))
+    else:
+        harness = None
     state = report.load_state(out)
-    report.check_settings(state, {"harness": HARNESS, "decoding": decoding,
+    report.check_settings(state, {"harness": harness, "decoding": decoding,
                                   "judge": None if judge is None else {"model": judge.model,
                                                                        "base_url": judge.base_url}}, out)
     chosen = {b.key for b in benchmarks} | set(state.get("benchmarks", []))
     state["benchmarks"] = [k for k in report.BY_KEY if k in chosen]
     if compare is not None:
         state["compare"] = list(compare)
-    python = None
     for m in models:
         entry = state["models"].setdefault(m.label, {"path": m.path, "results": {}})
         results = entry["results"]
@@ -135,8 +140,6 @@ def run_suite(models: list[ModelSpec], benchmarks: list[Benchmark], *, out: Path
             log(f"{m.label}: {len(benchmarks)} benchmark(s) already scored in {out / 'eval.json'}")
             continue
         harness_todo = [b for b in todo if b.runner == "vlmeval"]
-        if python is None and harness_todo:
-            python = harness_mod.ensure_harness(log)
         work = out / "items" / safe_name(m.label)
         log_file = out / "logs" / f"{safe_name(m.label)}.log"
         job = {"work_dir": str(work.resolve()), "data_dir": str(data_dir.resolve()), "model_name": safe_name(m.label),
@@ -158,6 +161,10 @@ def run_suite(models: list[ModelSpec], benchmarks: list[Benchmark], *, out: Path
                     f"({time.perf_counter() - t0:.0f} s so far)")
                 return
             if "error" in result:
+                if "judge_failed" in result:  # stored as failed, never as a score; a rerun retries it
+                    results[key] = {"failed": result["error"], "judge_failed": result["judge_failed"],
+                                    "judge_calls": result["judge_calls"]}
+                    report.save_state(out, state)
                 return
             results[key] = {k: v for k, v in result.items() if k != "dataset"}
             report.save_state(out, state)

@@ -3,10 +3,11 @@
     python vlmeval_driver.py JOB.json
 
 Standard library + VLMEvalKit only: this file must not import gndpo (the harness's virtualenv does not have it),
-and gndpo imports it only for :func:`strip_think` and :func:`read_headline`, which need nothing else. The job file
-(written by :mod:`gndpo.eval.harness`) names the datasets, the OpenAI-compatible model endpoint, the decoding, the
-judge, and the JSON-lines file to which one result per dataset is appended as soon as it is scored. API keys come
-from the environment (``GNDPO_EVAL_MODEL_KEY``, ``GNDPO_EVAL_JUDGE_KEY``), never from the job file.
+and gndpo imports it only for :func:`strip_think`, :func:`read_headline`, :func:`scrubbed` and :func:`judge_alias`,
+which need nothing else. The job file (written by :mod:`gndpo.eval.harness`) names the datasets, the
+OpenAI-compatible model endpoint, the decoding, the judge, and the JSON-lines file to which one result per dataset
+is appended as soon as it is scored. API keys come from the environment (``GNDPO_EVAL_MODEL_KEY``,
+``GNDPO_EVAL_JUDGE_KEY``), never from the job file.
 
 For each dataset: the local TSV's MD5 is compared with VLMEvalKit's; a differing file (a fixture, a subset) is used
 as it is and reported ``"data": "unofficial"`` rather than re-downloaded. Predictions are made through
@@ -14,6 +15,16 @@ as it is and reported ``"data": "unofficial"`` rather than re-downloaded. Predic
 prediction (a response cut off inside its thinking has no answer), the harness's judge-stage caches are removed
 (they would otherwise be reused even when predictions changed), and ``dataset.evaluate`` scores them. Items the
 server failed to answer stop the dataset with an error instead of counting as wrong.
+
+The judge is gndpo's, not whatever VLMEvalKit would build: every scorer's ``build_judge`` is replaced (see
+:func:`install_judge`). With a judge, each scorer gets a client for exactly the configured model and endpoint whose
+every call is counted; a call that fails (VLMEvalKit's scorers then quietly fall back to exact matching, pick a
+random option, or count the item wrong) fails the dataset with the count instead of a score. Without one, each
+scorer that asks for a judge gets a client that refuses without any network call (the answers it cannot parse
+count as unparsed; the result is rule-only). Either way credentials and endpoints the environment holds
+(``OPENAI_API_KEY``, ``OPENAI_API_BASE``, ...) are removed first, so nothing reaches a third party unasked. The
+judge's name only names files through a path-safe alias (a name such as ``Qwen/Qwen2.5-72B-Instruct`` would
+otherwise become a directory).
 """
 from __future__ import annotations
 
@@ -24,10 +35,101 @@ import json
 import os
 import re
 import sys
+import threading
 import time
 
 FAILED = "Failed to obtain answer via API"
 _THINK_CLOSE = re.compile(r"</think>", re.IGNORECASE)
+
+
+# environment variables that hold credentials or API endpoints: never inherited by the harness (VLMEvalKit reads
+# OPENAI_API_KEY / OPENAI_API_BASE, LOCAL_LLM, BOYUE_*, provider keys...)
+_SECRET_NAME = re.compile(r"(^|_)(API_?KEY|KEY|TOKEN|SECRET|PASSWORD|API_BASE|BASE_URL|ENDPOINT)(_|$)|^(OPENAI|AZURE)"
+                          r"|^(LOCAL_LLM|BOYUE)$", re.IGNORECASE)
+
+
+def scrubbed(env: dict) -> dict:
+    """``env`` without the variables that hold credentials or endpoints."""
+    return {k: v for k, v in env.items() if not _SECRET_NAME.search(k)}
+
+
+def judge_alias(model: str) -> str:
+    """The judge's name as VLMEvalKit may use it in file names: no path separators or other odd characters."""
+    alias = re.sub(r"[^A-Za-z0-9_.-]+", "-", model).strip("-.") or "judge"
+    return "judge-exact_matching" if alias == "exact_matching" else alias
+
+
+class JudgeLedger:
+    """Judge calls of the dataset being scored (the scorers call from threads)."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.reset()
+
+    def reset(self) -> None:
+        self.built = self.calls = self.failed = self.refused = 0
+        self.first_failure = None
+
+    def record(self, answer) -> None:
+        text = answer.get("prediction") if isinstance(answer, dict) else answer
+        bad = not isinstance(text, str) or not text.strip() or FAILED in text
+        with self.lock:
+            self.calls += 1
+            if bad:
+                self.failed += 1
+                self.first_failure = self.first_failure or " ".join(str(text).split())[:200]
+
+
+LEDGER = JudgeLedger()
+
+
+def install_judge(judge: dict | None, key: str) -> None:
+    """Replace VLMEvalKit's ``build_judge`` everywhere it was imported: a counted client of exactly ``judge``
+    (``{"model", "api_base"}``), or with None one that refuses every call."""
+    import vlmeval.dataset  # noqa: F401 - loads the scorer modules, which import build_judge by name
+    from vlmeval.api import OpenAIWrapper
+    from vlmeval.api.base import BaseAPI
+    from vlmeval.dataset.utils import judge_util
+
+    class RefusingJudge(BaseAPI):
+        """No judge configured: answers every request with VLMEvalKit's failure message, sends nothing."""
+
+        def __init__(self, **kwargs):
+            super().__init__(retry=1, wait=0, verbose=False, system_prompt=kwargs.get("system_prompt"))
+            self.model, self.fail_msg = "none", FAILED + " (gndpo: no judge, --judge none)"
+
+        def generate_inner(self, inputs, **kwargs):
+            return -1, self.fail_msg, "refused"
+
+        def generate(self, message, **kwargs):
+            with LEDGER.lock:
+                LEDGER.refused += 1
+            return self.fail_msg
+
+    def build_judge(**kwargs):
+        for name in ("model", "nproc", "api_base", "key"):
+            kwargs.pop(name, None)
+        with LEDGER.lock:
+            LEDGER.built += 1
+        if judge is None:
+            return RefusingJudge(**kwargs)
+        client = OpenAIWrapper(judge["model"], api_base=judge["api_base"], key=key, **kwargs)
+        client.api_base, client.key = judge["api_base"], key  # whatever the model's name suggests to VLMEvalKit
+        real = client.generate
+
+        def generate(message, **kw):  # BaseAPI.working() calls self.generate: counted too
+            answer = real(message, **kw)
+            LEDGER.record(answer)
+            return answer
+
+        client.generate = generate
+        return client
+
+    original = judge_util.build_judge
+    for module in list(sys.modules.values()):
+        if (getattr(module, "__name__", "") or "").startswith("vlmeval") and \
+                getattr(module, "build_judge", None) is original:
+            module.build_judge = build_judge
 
 
 # the harness's own failures a user can meet, explained
@@ -35,6 +137,16 @@ KNOWN_FAILURES = {
     ("WeMath", "ZeroDivisionError"): "VLMEvalKit's WeMath scorer divides by the number of problems whose final "
                                      "multi-step question was answered right, and none was: it gives no score",
 }
+
+
+class JudgeFailed(RuntimeError):
+    """The judge failed on some calls: the dataset gets no score (VLMEvalKit would have scored it without them)."""
+
+    def __init__(self, failed: int, calls: int, api_base: str, first: str | None):
+        super().__init__(f"the judge failed {failed} of {calls} calls (first: {first or 'no answer'}); no score is "
+                         f"stored for this benchmark: check the judge at {api_base}, then run the same command again "
+                         f"to retry it")
+        self.failed, self.calls = failed, calls
 
 
 def strip_think(text: str) -> str:
@@ -145,36 +257,61 @@ def run_dataset(job: dict, spec: dict, model) -> dict:
 
     judge = job.get("judge")
     kwargs = {"nproc": job["judge_nproc"], "retry": 3, "verbose": False}
-    if judge:
-        kwargs.update(model=judge["model"], api_base=judge["api_base"], key=os.environ.get("GNDPO_EVAL_JUDGE_KEY",
-                      "EMPTY"), timeout=judge.get("timeout", 300))
+    if judge:  # the client itself comes from install_judge: the real name, endpoint and key
+        kwargs.update(model=judge_alias(judge["model"]), timeout=judge.get("timeout", 300))
     else:
         kwargs.update(model="exact_matching")
     t_eval = time.time()
-    dataset.evaluate(pred_file, **kwargs)
+    LEDGER.reset()
+    try:
+        dataset.evaluate(pred_file, **kwargs)
+    except Exception:
+        if judge and LEDGER.failed:  # e.g. LogicVista asserts judge.working(): the judge is the cause
+            raise JudgeFailed(LEDGER.failed, LEDGER.calls, judge["api_base"], LEDGER.first_failure) from None
+        raise
+    if judge and LEDGER.failed:
+        raise JudgeFailed(LEDGER.failed, LEDGER.calls, judge["api_base"], LEDGER.first_failure)
     pattern = os.path.join(glob.escape(work_dir), spec["score_glob"].format(m=glob.escape(model_name), d=name))
     found = sorted(glob.glob(pattern), key=os.path.getmtime)
     if not found:
         raise RuntimeError(f"the harness wrote no score file ({os.path.basename(pattern)}) for {name}")
     score = read_headline(found[-1], spec["row"], spec["value_column"], spec["scale"])
-    return {"dataset": name, "score": score, "n_items": len(texts), "data": data, "rule_only": not judge,
+    # rule-only whatever the reason: no judge configured, or a scorer that never asked for one
+    return {"dataset": name, "score": score, "n_items": len(texts), "data": data,
+            "rule_only": not judge or LEDGER.built == 0, "judge_calls": LEDGER.calls,
+            "unparsed_without_judge": LEDGER.refused,
             "score_file": os.path.relpath(found[-1], work_dir), "predictions": os.path.relpath(pred_file, work_dir),
             "truncated_in_think": sum(strip_think(t) == "" and "<think>" in t.lower() for t in texts),
             "infer_seconds": round(t_eval - start, 1), "eval_seconds": round(time.time() - t_eval, 1)}
 
 
+def _scrub_environment(judge: dict | None, judge_key: str) -> None:
+    """Remove credentials and endpoints from this process's environment (again after VLMEvalKit's import, which
+    loads a ``.env`` file beside the package when there is one); with a judge, the OpenAI variables name it."""
+    for name in [k for k in os.environ if _SECRET_NAME.search(k)]:
+        del os.environ[name]
+    if judge:
+        os.environ.update(OPENAI_API_KEY=judge_key, OPENAI_API_BASE=judge["api_base"])
+
+
 def main(argv: list[str]) -> int:
     job = json.load(open(argv[0], encoding="utf-8"))
+    model_key = os.environ.get("GNDPO_EVAL_MODEL_KEY", "EMPTY")
+    judge, judge_key = job.get("judge"), os.environ.get("GNDPO_EVAL_JUDGE_KEY", "EMPTY")
+    _scrub_environment(judge, judge_key)
     os.environ["LMUData"] = job["data_dir"]
     os.environ["PRED_FORMAT"] = "tsv"  # xlsx cells stop at 32,767 characters: reasoning outputs are longer
     os.environ.setdefault("EVAL_FORMAT", "csv")
     os.makedirs(job["work_dir"], exist_ok=True)
     from vlmeval.api import GPT4V
 
+    _scrub_environment(judge, judge_key)
+    install_judge(judge, judge_key)
     d = job["decoding"]
-    model = GPT4V(model=job["served_model"], api_base=job["api_base"], key=os.environ.get("GNDPO_EVAL_MODEL_KEY",
-                  "EMPTY"), temperature=d["temperature"], max_tokens=d["max_new_tokens"], top_p=d["top_p"],
+    model = GPT4V(model=job["served_model"], api_base=job["api_base"], key=model_key,
+                  temperature=d["temperature"], max_tokens=d["max_new_tokens"], top_p=d["top_p"],
                   seed=d["seed"], timeout=job["timeout"], retry=job["retry"], verbose=False)
+    model.api_base, model.key = job["api_base"], model_key  # whatever the served name suggests to VLMEvalKit
     for spec in job["benchmarks"]:
         try:
             result = run_dataset(job, spec, model)
@@ -183,9 +320,13 @@ def main(argv: list[str]) -> int:
 
             traceback.print_exc()
             message = KNOWN_FAILURES.get((spec["dataset"], type(exc).__name__))
-            if message is None:
+            if isinstance(exc, JudgeFailed):
+                message = str(exc)
+            elif message is None:
                 message = f"{type(exc).__name__}: {' '.join(str(exc).split()) or 'no message'}"
             result = {"dataset": spec["dataset"], "error": message}
+            if isinstance(exc, JudgeFailed):
+                result.update(judge_failed=exc.failed, judge_calls=exc.calls)
         with open(job["result_file"], "a", encoding="utf-8") as f:
             f.write(json.dumps(result) + "\n")
         if "error" in result:

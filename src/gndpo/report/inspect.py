@@ -59,6 +59,25 @@ def render(runs: list[dict]) -> str:
     return PAGE.replace("__DATA__", data)
 
 
+def summary(run_dirs: list[str], labels: list[str] | None = None) -> str:
+    """``gndpo inspect --summary``: per run, the median over its steps of each timeline metric (steps without a
+    finite value skipped), as a Markdown table."""
+    import statistics
+
+    if labels and len(labels) != len(run_dirs):
+        raise GndpoError(f"--labels gives {len(labels)} names for {len(run_dirs)} run directories")
+    lines = ["| run | steps | " + " | ".join(f"median {title}".replace("|", "\\|") for _, title in TIMELINE) + " |",
+             "|---|---|" + "---|" * len(TIMELINE)]
+    for i, run_dir in enumerate(run_dirs):
+        run = load_run(run_dir, labels[i] if labels else None)
+        cells = []
+        for key, _ in TIMELINE:
+            values = [row[key] for row in run["timeline"] if isinstance(row[key], (int, float))]
+            cells.append(f"{statistics.median(values):.3g}" if values else "—")
+        lines.append(f"| {run['label']} | {len(run['timeline'])} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def write_report(run_dirs: list[str], out: str | Path, labels: list[str] | None = None) -> Path:
     if labels and len(labels) != len(run_dirs):
         raise GndpoError(f"--labels gives {len(labels)} names for {len(run_dirs)} run directories")

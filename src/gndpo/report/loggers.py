@@ -63,15 +63,23 @@ class JsonlLogger:
 
     ``resume_step``: drop existing lines with ``step > resume_step`` first (atomically), so a run resumed
     from the checkpoint of that step does not log those steps twice. Use 0 for a resume with no checkpoint.
+    ``resume_record``: that checkpoint's own line (checkpoints carry it): written back when the file lacks it, as
+    after a kill between the checkpoint and its line (``recovered`` then holds it).
     """
 
-    def __init__(self, path: str | Path, resume_step: int | None = None):
+    def __init__(self, path: str | Path, resume_step: int | None = None, resume_record: Mapping | None = None):
         self.path = Path(path)
+        self._failed = False
+        self.recovered: dict | None = None
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            if resume_step is not None and self.path.exists():
-                kept = [r for r in _parse_lines(self.path)
+            if resume_step is not None and (self.path.exists() or resume_record):
+                kept = [r for r in (_parse_lines(self.path) if self.path.exists() else [])
                         if not (isinstance(r.get("step"), int) and r["step"] > resume_step)]
+                if resume_step > 0 and resume_record and not any(r.get("step") == resume_step for r in kept):
+                    self.recovered = {"step": int(resume_step), **{k: _scalar(v) for k, v in resume_record.items()
+                                                                   if k != "step"}}
+                    kept.append(self.recovered)
                 _atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
             self._file = open(self.path, "a", encoding="utf-8")
         except OSError as exc:
@@ -89,11 +97,19 @@ class JsonlLogger:
             self._file.write(line)
             self._file.flush()
         except OSError as exc:
+            self._failed = True
             raise self._error(exc) from None
 
     def close(self) -> None:
-        if not self._file.closed:
-            self._file.close()
+        """Close the file; after a failed write its unwritten line fails again here, which is not a second error
+        (the run is already stopping with the first)."""
+        if self._file.closed:
+            return
+        try:
+            self._file.close()  # the file is closed even when its last flush fails
+        except OSError as exc:
+            if not self._failed:
+                raise self._error(exc) from None
 
 
 class TensorBoardLogger:
@@ -191,20 +207,26 @@ def build_loggers(
     run_name: str | None = None,
     config: Mapping | None = None,
     resume_step: int | None = None,
+    resume_record: Mapping | None = None,
 ) -> MultiLogger:
     """The loggers of one run: jsonl at ``run_dir/metrics.jsonl`` always; TensorBoard at
     ``run_dir/tensorboard`` (``"auto"``: when importable, ``"true"``: required, ``"false"``: off); W&B when
-    ``wandb``. ``resume_step`` is the step of the checkpoint a resumed run starts from (0 = none)."""
+    ``wandb``. ``resume_step`` is the step of the checkpoint a resumed run starts from (0 = none);
+    ``resume_record`` that checkpoint's metrics, logged again where the jsonl file lacks them."""
     run_dir = Path(run_dir)
     mode = str(tensorboard).lower()  # bools are accepted too: True -> "true"
     if mode not in ("auto", "true", "false"):
         raise GndpoError(f"logging.tensorboard must be auto, true or false, got {tensorboard!r}; set one of those")
-    loggers: list[MetricsLogger] = [JsonlLogger(run_dir / METRICS_FILE, resume_step=resume_step)]
+    jsonl = JsonlLogger(run_dir / METRICS_FILE, resume_step=resume_step, resume_record=resume_record)
+    loggers: list[MetricsLogger] = [jsonl]
     if mode == "true" or (mode == "auto" and _tensorboard_importable()):
         purge = resume_step + 1 if resume_step is not None else None
         loggers.append(TensorBoardLogger(run_dir / TENSORBOARD_DIR, purge_step=purge))
     if wandb:
         loggers.append(WandbLogger(wandb_project, run_name or run_dir.resolve().name, config, run_dir, resume=resume_step is not None))
+    if jsonl.recovered is not None:  # the step the other loggers missed too
+        for other in loggers[1:]:
+            other.log({k: v for k, v in jsonl.recovered.items() if k != "step"}, jsonl.recovered["step"])
     return MultiLogger(loggers)
 
 

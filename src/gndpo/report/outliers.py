@@ -13,7 +13,8 @@ the gradient (arXiv 2606.09091, section 3.1). Per step, over the response tokens
 
 Under torchrun each rank's metrics are its own share's; rank 0 logs and saves its own.
 
-Every ``logging.rollouts_every`` steps, ``logging.rollouts_per_step`` responses go to
+At the first step, every ``logging.rollouts_every`` steps and at the last step (``last_step``), so that a short
+run has samples too, ``logging.rollouts_per_step`` responses go to
 ``RUN/rollouts/step-NNNNNN.json.gz`` (gzip JSON, columnar per response: token texts, student and teacher
 log-probs, r_t, A_t, clamp flags, the outcome reward), always including the responses that hold the step's most
 extreme tokens.
@@ -74,10 +75,14 @@ class OutlierReport:
     ``metrics`` and saves rollout samples. ``clamp``: the reward clamp (None: no teacher)."""
 
     def __init__(self, run_dir: str | Path, tokenizer, *, every: int, per_step: int, clamp: float | None,
-                 extreme: int = 8, enabled: bool = True):
+                 extreme: int = 8, enabled: bool = True, last_step: int | None = None):
         self.dir = Path(run_dir) / ROLLOUTS_DIR
         self.tokenizer, self.every, self.per_step, self.clamp = tokenizer, every, per_step, clamp
-        self.extreme, self.enabled = extreme, enabled
+        self.extreme, self.enabled, self.last_step = extreme, enabled, last_step
+
+    def saves(self, step: int) -> bool:
+        """Whether ``step`` (1-based) keeps samples: the first, every ``every``-th and the last; none when every=0."""
+        return self.every > 0 and (step == 1 or step % self.every == 0 or step == self.last_step)
 
     def __call__(self, rec) -> None:
         mask = rec.rollouts.response_mask.bool()
@@ -90,7 +95,7 @@ class OutlierReport:
             rec.metrics["outlier/extreme_tokens"] = " ".join(
                 f"{t['text']!r}={t['value']:.2f}" if isinstance(t["value"], float) else f"{t['text']!r}={t['value']}"
                 for t in top[:5])
-        if self.enabled and self.every > 0 and rec.step % self.every == 0:
+        if self.enabled and self.saves(rec.step):
             self.save(rec, r, mask, top)
 
     def extreme_tokens(self, rec, r, mask) -> list[dict]:

@@ -11,6 +11,10 @@ repeated (no connection, a timeout, a 5xx, 408 or 429 answer) is retried with ex
 anything else, or the last retry, stops the run with one line naming the server and the cause. A step is never
 trained on partial or made-up scores.
 
+The first contact waits for a server that is still starting (one job script that launches ``gndpo serve-teacher``
+and the training together): while connections are refused it retries for up to ``connect_timeout`` seconds,
+saying once what it waits for; any answer, an error included, ends the wait at once.
+
 OpenAI mode, chosen when the server has no ``/fingerprint`` but answers ``/v1/models``: one ``/v1/completions``
 call per request, the prompt + response ids as the prompt, ``max_tokens=1`` and vLLM's ``prompt_logprobs=0``
 (exactly the given token's log-prob: ``k > 0`` adds up to k others). vLLM's server writes ``-inf`` as ``-9999.0``;
@@ -45,6 +49,7 @@ from gndpo.teacher.base import TeacherScores
 log = logging.getLogger("gndpo")
 
 MAX_IN_FLIGHT = 8  # concurrent requests per score call: enough to keep a server's engine batching
+WAIT_POLL = 1.0  # seconds between connection attempts to a server that is still starting
 OPENAI_NEG_INF = -9999.0  # vLLM's OpenAI server clamps -inf to this in its JSON
 _PNG_MODES = ("1", "L", "LA", "I", "I;16", "P", "RGB", "RGBA")
 
@@ -63,13 +68,14 @@ class ServerTeacher:
 
     def __init__(self, url: str, *, api_key: str | None, processor, suffix: str | None,
                  system_prompt: str | None = None, micro_batch_size: int = 8, timeout: float = 600.0,
-                 retries: int = 3, backoff: float = 1.0):
+                 retries: int = 3, backoff: float = 1.0, connect_timeout: float = 600.0):
         self.url = url.rstrip("/")
         self.api_key = api_key
         self.processor = processor
         self.suffix, self.system_prompt = suffix, system_prompt
         self.micro_batch_size = micro_batch_size
         self.timeout, self.retries, self.backoff = timeout, retries, backoff
+        self.connect_timeout, self._waiting = connect_timeout, False
         self.mode, self.info = self._discover()
 
     def close(self) -> None:
@@ -79,7 +85,7 @@ class ServerTeacher:
 
     def _discover(self) -> tuple[str, dict]:
         try:
-            return "gndpo", self._call("GET", "/fingerprint")
+            return "gndpo", self._call("GET", "/fingerprint", wait_for_start=True)
         except _Refused as exc:
             if exc.status != 404:
                 raise self._refused("/fingerprint", exc) from None
@@ -94,9 +100,10 @@ class ServerTeacher:
             raise ModelError(f"teacher server {self.url}: /v1/models lists no model")
         return "openai", {"model": data[0]["id"]}
 
-    def _call(self, method: str, path: str, payload: Any = None) -> Any:
+    def _call(self, method: str, path: str, payload: Any = None, *, wait_for_start: bool = False) -> Any:
         """The JSON answer of one request, retried while the failure may pass. Raises _Refused for 4xx and a
-        one-line ModelError for everything else."""
+        one-line ModelError for everything else. ``wait_for_start``: refused connections are retried for up to
+        ``connect_timeout`` seconds before the attempts are counted (a server whose engine is still loading)."""
         data = None if payload is None else json.dumps(payload, allow_nan=False).encode()
         headers = {"Accept": "application/json"}
         if data is not None:
@@ -104,26 +111,40 @@ class ServerTeacher:
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
         attempts = self.retries + 1
-        for attempt in range(attempts):
+        wait_until = time.monotonic() + self.connect_timeout if wait_for_start and self.connect_timeout > 0 else None
+        attempt = 0
+        while attempt < attempts:
             request = urllib.request.Request(self.url + path, data=data, headers=headers, method=method)
             try:
                 with urllib.request.urlopen(request, timeout=self.timeout) as response:
                     body = response.read()
             except urllib.error.HTTPError as exc:
+                wait_until = None  # it answered: the server is up
                 message = _error_message(exc)
                 if exc.code < 500 and exc.code not in (408, 429):  # a proxy's timeout or rate limit passes
                     raise _Refused(exc.code, message) from None
                 cause = f"HTTP {exc.code} ({message})"
             except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
                 cause = _network_cause(exc, self.timeout)
+                if wait_until is not None and isinstance(getattr(exc, "reason", exc), ConnectionRefusedError):
+                    if time.monotonic() < wait_until:
+                        if not self._waiting:
+                            self._waiting = True
+                            log.info("teacher server %s does not accept connections yet; waiting up to %g s for it "
+                                     "to start (teacher.connect_timeout)", self.url, self.connect_timeout)
+                        time.sleep(min(WAIT_POLL, max(wait_until - time.monotonic(), 0.0)))
+                        continue
+                    raise ModelError(f"teacher server {self.url} failed {method} {path}: {cause}; waited "
+                                     f"{self.connect_timeout:g} s for it to start (teacher.connect_timeout)")
             else:
                 try:
                     return strict_json_loads(body)
                 except (ValueError, UnicodeDecodeError) as exc:
                     raise ModelError(f"teacher server {self.url} answered {path} with invalid JSON ({exc}; "
                                      f"{len(body)} bytes, truncated?)") from None
-            if attempt + 1 < attempts:
-                time.sleep(self.backoff * 2 ** attempt * random.uniform(0.5, 1.5))
+            attempt += 1
+            if attempt < attempts:
+                time.sleep(self.backoff * 2 ** (attempt - 1) * random.uniform(0.5, 1.5))
         raise ModelError(f"teacher server {self.url} failed {method} {path} on all {attempts} attempts: {cause}")
 
     def _refused(self, path: str, exc: _Refused) -> ModelError:
