@@ -20,7 +20,6 @@ import logging
 import math
 import random
 import signal
-import threading
 import time
 from dataclasses import dataclass, field, replace
 from typing import Callable, Sequence
@@ -39,6 +38,7 @@ from gndpo.data.templates import PAPER_SUFFIX
 from gndpo.dist import LOCAL, DistContext, apply_fsdp, clip_grad_norm
 from gndpo.errors import ConfigError, DataError, Interrupted, TrainingError
 from gndpo.forward import ResponseScorer, encode_each, pad_token_id, prompt_lengths, repeat_for_samples, rollout_stats
+from gndpo.guards import BAD_KEYS, SignalFlag, nonfinite_counts
 from gndpo.lora import apply_lora
 from gndpo.models import configure_images, dtype_name, load_model, resolve_device, student_dtypes, tokenizer_of
 from gndpo.objective import dense_reward, divergence, divergence_metrics, micro_batch_loss
@@ -446,41 +446,6 @@ def train(cfg: RunConfig, *, dist: DistContext = LOCAL,
         if teacher is not None:
             teacher.close()
     return metrics
-
-
-BAD_KEYS = ("bad/teacher_logprobs", "bad/student_logprobs", "bad/advantages", "bad/gradients")
-
-
-def nonfinite_counts(mask: torch.Tensor, old_lp, teacher_lp, advantages) -> dict[str, float]:
-    """Response tokens holding values no update may train on: NaN or +inf teacher log-probs (-inf is a token the
-    teacher rules out: the reward clamp bounds it), non-finite student log-probs, non-finite advantages."""
-    def count(x, bad):
-        return float(bad(x)[mask.to(x.device)].sum()) if x is not None else 0.0
-    return {"bad/teacher_logprobs": count(teacher_lp, lambda x: torch.isnan(x) | torch.isposinf(x)),
-            "bad/student_logprobs": count(old_lp, lambda x: ~torch.isfinite(x)),
-            "bad/advantages": count(advantages, lambda x: ~torch.isfinite(x))}
-
-
-class SignalFlag:
-    """SIGTERM and SIGINT set ``received`` (the signal number) instead of killing the run, which stops at the
-    end of the current step; a second SIGINT interrupts at once. Only in the main thread (signals reach no other)."""
-
-    def __init__(self):
-        self.received = 0
-        self._old = {}
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self._old[sig] = signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame):
-        if self.received and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.received = signum
-        log.warning("%s received: stopping after this step", signal.Signals(signum).name)
-
-    def restore(self) -> None:
-        for sig, handler in self._old.items():
-            signal.signal(sig, handler)
 
 
 def _dtype(name: str | None) -> torch.dtype | None:
