@@ -115,21 +115,21 @@ class Tok:
 def test_serve_teacher_warm_up_scores_a_short_sequence():
     seen = []
 
-    def score(inputs, responses):
-        seen.append((inputs, responses))
-        return [[-0.5] * len(r) for r in responses]
+    def score(inputs, responses, topk):  # the server's engine function: (log-probs, top-k ids, top-k log-probs)
+        seen.append((inputs, responses, topk))
+        return [([-0.5] * len(r), [], []) for r in responses]
 
     warm_up(score, Tok(), "teacher")
-    (inputs, responses), = seen
-    assert len(inputs) == 1 and inputs[0]["prompt_token_ids"] and len(responses[0]) == 2  # " 2"
+    (inputs, responses, topk), = seen
+    assert len(inputs) == 1 and inputs[0]["prompt_token_ids"] and len(responses[0]) == 2 and topk == 0  # " 2"
 
     with pytest.raises(ModelError, match=r"^the teacher engine for t started but cannot score a short sequence \("
                                          r".*nan.*\); the server was not started$"):
-        warm_up(lambda i, r: [[math.nan] * len(r[0])], Tok(), "t")
+        warm_up(lambda i, r, k: [([math.nan] * len(r[0]), [], [])], Tok(), "t")
     with pytest.raises(ModelError, match="returned \\[1\\] log-probs for one response of 2 tokens"):
-        warm_up(lambda i, r: [[0.0]], Tok(), "t")
+        warm_up(lambda i, r, k: [([0.0], [], [])], Tok(), "t")
 
-    def fails(inputs, responses):
+    def fails(inputs, responses, topk):
         raise HEAD_DIM
 
     with pytest.raises(ModelError, match="^vLLM cannot run t: its attention heads have 16 dimensions"):

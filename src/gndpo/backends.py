@@ -74,7 +74,7 @@ def build_teacher(cfg: RunConfig, student_processor, *, suffix: str | None, reco
         teacher = ServerTeacher(te.url, api_key=os.environ.get(te.api_key_env) or None,
                                 processor=student_processor, suffix=suffix, system_prompt=cfg.data.system_prompt,
                                 micro_batch_size=te.micro_batch_size, timeout=te.timeout, retries=te.retries,
-                                connect_timeout=te.connect_timeout)
+                                connect_timeout=te.connect_timeout, topk=topk)
         if te.check_compatibility:
             teacher.check_compatible(student_processor)
         return teacher

@@ -316,7 +316,7 @@ def _serve_teacher(args: argparse.Namespace) -> int:
     serve_teacher(args.model, host=args.host, port=args.port, api_key=args.api_key or os.environ.get(API_KEY_ENV),
                   dtype=args.dtype, max_model_len=args.max_model_len,
                   gpu_memory_utilization=args.gpu_memory_utilization, max_images=args.max_images,
-                  announce=lambda line: print(line, flush=True))
+                  max_topk=args.max_topk, announce=lambda line: print(line, flush=True))
     return 0
 
 
@@ -480,6 +480,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                                              "may take (default 0.9)")
     p.add_argument("--max-images", type=int, default=None, help="most images in one prompt (default 4 for "
                                                                "vision-language models, 0 for text models)")
+    p.add_argument("--max-topk", type=int, default=20, help="largest top-k a client may ask for at each position "
+                                                           "(algorithm.distill=topk; default 20)")
     p.set_defaults(func=_serve_teacher)
     return parser
 

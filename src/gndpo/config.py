@@ -416,9 +416,6 @@ def validate(cfg: RunConfig) -> RunConfig:
         _check(a.divergence != "jsd" or 0 < a.jsd_beta < 1,
                f"algorithm.jsd_beta={a.jsd_beta} must be in (0, 1); its limits are forward_kl (teacher side) and "
                "reverse_kl")
-        _check(cfg.teacher.backend != "server",
-               "algorithm.distill=topk needs the teacher's top-k, which teacher.backend=server does not send yet; use "
-               "teacher.backend=hf or vllm")
         _check(a.dense_mode == "loss" or a.old_logprobs == "recompute",
                "algorithm.dense_mode=reward scores the teacher's top-k under the student before the update, the "
                "pass algorithm.old_logprobs=sampler saves; use algorithm.old_logprobs=recompute")

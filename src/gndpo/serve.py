@@ -16,6 +16,12 @@ The wire format (JSON, UTF-8):
   response token. A request may instead name a shared prompt, ``{"prompt": k, "response_token_ids": [...]}``
   with ``k`` indexing a top-level ``"prompts": [{"prompt_token_ids": [...], "images": [...]}]`` list, so the G
   samples of one prompt carry its images once.
+- Top-k (wire protocol 2): a body's ``"topk": K`` (0 to the server's ``max_topk``, 0 by default) adds
+  ``"topk_ids": [[[int] * K per token], ...]`` and ``"topk_logprobs"`` (same shape, descending) to the answer: the
+  teacher's K most likely tokens at each response position.
+- Versions: ``/fingerprint`` carries ``"protocol": 2`` and ``"max_topk"``; every /score body carries
+  ``"protocol": 2``. A server refuses a body without it (an older client) with 400, and a client refuses a server
+  whose fingerprint has no protocol 2 (an older server), each with one line saying which side to upgrade.
 - Log-probs are plain JSON numbers, except a token the teacher gives zero probability: JSON has no infinities
   (bare ``-Infinity`` breaks strict parsers, and Starlette's own encoder refuses it), so ``-inf`` is the string
   ``"-Infinity"``. NaN or ``+inf`` is never sent: the request fails with 500 instead.
@@ -48,6 +54,8 @@ from gndpo.errors import ConfigError, GndpoError, ModelError
 
 API_KEY_ENV = "GNDPO_TEACHER_API_KEY"
 DEFAULT_PORT = 8100
+WIRE_PROTOCOL = 2  # 1: log-probs of the sampled tokens; 2: + the teacher's top-k, and the version itself
+DEFAULT_MAX_TOPK = 20
 NEG_INF = "-Infinity"  # how -inf travels: JSON has no infinities
 
 
@@ -116,6 +124,7 @@ class Limits:
     vocab_size: int  # token ids must be below this (the model's embedding rows)
     max_model_len: int
     max_images: int
+    max_topk: int = DEFAULT_MAX_TOPK
 
 
 def _token_ids(value: Any, where: str, limits: Limits, *, allow_empty: bool) -> list[int]:
@@ -151,12 +160,18 @@ def _images(value: Any, where: str, limits: Limits) -> list:
     return images
 
 
-def parse_score_request(body: Any, limits: Limits) -> tuple[list[dict], list[list[int]]]:
-    """The engine inputs and responses of a /score body, or BadRequest naming the first problem."""
+def parse_score_request(body: Any, limits: Limits) -> tuple[list[dict], list[list[int]], int]:
+    """The engine inputs, responses and top-k of a /score body, or BadRequest naming the first problem."""
     from gndpo.vllm_engine import engine_input
 
     if not isinstance(body, dict) or not isinstance(body.get("requests"), list):
         raise BadRequest('the body must be a JSON object {"requests": [...]}')
+    if body.get("protocol") != WIRE_PROTOCOL:
+        raise BadRequest(f"this server speaks gndpo wire protocol {WIRE_PROTOCOL}; the client sent protocol "
+                         f"{body.get('protocol', 1)}: upgrade gndpo on the trainer's side")
+    topk = body.get("topk", 0)
+    if not isinstance(topk, int) or isinstance(topk, bool) or not 0 <= topk <= limits.max_topk:
+        raise BadRequest(f"topk={topk!r} must be an integer in [0, {limits.max_topk}] (this server's --max-topk)")
     shared = body.get("prompts", [])
     if not isinstance(shared, list):
         raise BadRequest('"prompts" must be a list')
@@ -188,25 +203,27 @@ def parse_score_request(body: Any, limits: Limits) -> tuple[list[dict], list[lis
                              f"{limits.max_model_len} (with one generated token)")
         inputs.append(inp)
         responses.append(resp)
-    return inputs, responses
+    return inputs, responses, topk
 
 
 # ---------------------------------------------------------------- the engine worker
 
 
 class Scorer:
-    """One engine, driven from one thread. Requests that arrive while it is busy join its next call: vLLM batches
-    them, and no two threads ever enter the engine."""
+    """One engine, driven from one thread. Requests that arrive while it is busy join its next call (those asking
+    for the same top-k): vLLM batches them, and no two threads ever enter the engine.
 
-    def __init__(self, score_fn: Callable[[list[dict], list[list[int]]], list[list[float]]]):
+    ``score_fn(inputs, responses, topk)``: per response, (log-probs, top-k ids, top-k log-probs)."""
+
+    def __init__(self, score_fn: Callable[[list[dict], list[list[int]], int], list[tuple]]):
         self._score = score_fn
         self._jobs: queue.Queue = queue.Queue()
         self._thread = threading.Thread(target=self._loop, name="gndpo-engine", daemon=True)
         self._thread.start()
 
-    def submit(self, inputs: list[dict], responses: list[list[int]]) -> concurrent.futures.Future:
+    def submit(self, inputs: list[dict], responses: list[list[int]], topk: int = 0) -> concurrent.futures.Future:
         future: concurrent.futures.Future = concurrent.futures.Future()
-        self._jobs.put((inputs, responses, future))
+        self._jobs.put((inputs, responses, topk, future))
         return future
 
     def close(self) -> None:
@@ -225,23 +242,27 @@ class Scorer:
                 except queue.Empty:
                     break
                 if more is None:
-                    self._run(jobs)
+                    self._run_all(jobs)
                     return
                 jobs.append(more)
-            self._run(jobs)
+            self._run_all(jobs)
 
-    def _run(self, jobs: list) -> None:
+    def _run_all(self, jobs: list) -> None:
+        for topk in dict.fromkeys(job[2] for job in jobs):  # one engine call per top-k asked
+            self._run([job for job in jobs if job[2] == topk], topk)
+
+    def _run(self, jobs: list, topk: int) -> None:
         try:
-            rows = self._score([i for job in jobs for i in job[0]], [r for job in jobs for r in job[1]])
+            rows = self._score([i for job in jobs for i in job[0]], [r for job in jobs for r in job[1]], topk)
         except Exception as exc:
             if len(jobs) > 1:  # one bad request must not fail the others it was merged with
                 for job in jobs:
-                    self._run([job])
+                    self._run([job], topk)
                 return
-            jobs[0][2].set_exception(exc)
+            jobs[0][3].set_exception(exc)
             return
         start = 0
-        for inputs, _, future in jobs:
+        for inputs, _, _, future in jobs:
             future.set_result(rows[start:start + len(inputs)])
             start += len(inputs)
 
@@ -301,17 +322,20 @@ def build_app(scorer: Scorer, limits: Limits, fingerprint: Callable[[bool], dict
         except (ValueError, UnicodeDecodeError) as exc:
             return error(400, f"the body is not valid JSON ({_first_line(exc)})")
         try:  # image decoding is CPU work: off the event loop
-            inputs, responses = await asyncio.to_thread(parse_score_request, body, limits)
+            inputs, responses, topk = await asyncio.to_thread(parse_score_request, body, limits)
         except BadRequest as exc:
             return error(400, str(exc))
         try:
-            rows = await asyncio.wrap_future(scorer.submit(inputs, responses))
+            rows = await asyncio.wrap_future(scorer.submit(inputs, responses, topk))
         except rejected as exc:  # inputs the engine cannot run: a prompt too long once its images are expanded,
             return error(400, _first_line(exc))  # placeholders that do not match the model
         except Exception as exc:  # noqa: BLE001 - the engine's failure, as one line to the client
             return error(500, f"the engine failed: {_first_line(exc)}")
         try:
-            payload = {"logprobs": encode_logprobs(rows)}
+            payload = {"logprobs": encode_logprobs([row[0] for row in rows])}
+            if topk:
+                payload["topk_ids"] = [row[1] for row in rows]
+                payload["topk_logprobs"] = [encode_logprobs(row[2]) for row in rows]
         except ValueError as exc:
             return error(500, str(exc))
         return Response(json.dumps(payload, allow_nan=False), media_type="application/json")
@@ -333,7 +357,7 @@ def engine_dtype(dtype: str) -> str:
 WARM_UP_PROMPT, WARM_UP_RESPONSE = "1 + 1 =", " 2"
 
 
-def warm_up(score_fn: Callable[[list[dict], list[list[int]]], list[list[float]]], processor, model: str) -> None:
+def warm_up(score_fn: Callable[[list[dict], list[list[int]], int], list[tuple]], processor, model: str) -> None:
     """Score one short sequence as a client would, before the server says it is up; a failure is one line naming
     the cause and the fix (:func:`gndpo.vllm_engine.engine_start_error`), and the server does not start."""
     from gndpo.models import tokenizer_of
@@ -343,7 +367,7 @@ def warm_up(score_fn: Callable[[list[dict], list[list[int]]], list[list[float]]]
     prompt = tok(WARM_UP_PROMPT, add_special_tokens=False)["input_ids"] or [0]
     response = tok(WARM_UP_RESPONSE, add_special_tokens=False)["input_ids"] or [0]
     try:
-        rows = score_fn([engine_input(prompt, [])], [response])
+        rows = [row[0] for row in score_fn([engine_input(prompt, [])], [response], 0)]
         if len(rows) != 1 or len(rows[0]) != len(response):
             raise ValueError(f"the engine returned {[len(r) for r in rows]} log-probs for one response of "
                              f"{len(response)} tokens")
@@ -370,7 +394,8 @@ def _bind(host: str, port: int) -> socket.socket:
 
 def serve_teacher(model: str, *, host: str = "127.0.0.1", port: int = DEFAULT_PORT, api_key: str | None = None,
                   dtype: str = "auto", max_model_len: int | None = None, gpu_memory_utilization: float = 0.9,
-                  max_images: int | None = None, announce: Callable[[str], None] = print) -> None:
+                  max_images: int | None = None, max_topk: int = DEFAULT_MAX_TOPK,
+                  announce: Callable[[str], None] = print) -> None:
     """Serve ``model`` until SIGINT/SIGTERM. ``port=0`` takes a free port; ``announce`` gets the URL once the
     engine is up and the socket listens. ``max_model_len``/``max_images``: None = the model's own limit / 4
     images for a vision-language model, 0 for a text one."""
@@ -383,6 +408,8 @@ def serve_teacher(model: str, *, host: str = "127.0.0.1", port: int = DEFAULT_PO
         raise ConfigError(f"--max-model-len {max_model_len} must be >= 2")
     if max_images is not None and max_images < 0:
         raise ConfigError(f"--max-images {max_images} must be >= 0")
+    if max_topk < 0:
+        raise ConfigError(f"--max-topk {max_topk} must be >= 0")
     try:
         import fastapi  # noqa: F401
         import uvicorn
@@ -392,15 +419,16 @@ def serve_teacher(model: str, *, host: str = "127.0.0.1", port: int = DEFAULT_PO
     sock = _bind(host, port)  # before anything loads: a taken port should cost a second, not a minute
     try:
         _serve(model, sock, host=host, api_key=api_key, dtype=dtype, max_model_len=max_model_len,
-               gpu_memory_utilization=gpu_memory_utilization, max_images=max_images, announce=announce,
+               gpu_memory_utilization=gpu_memory_utilization, max_images=max_images, max_topk=max_topk,
+               announce=announce,
                server_class=_quiet_exit(uvicorn.Server), server_config=uvicorn.Config)
     finally:
         sock.close()
 
 
 def _serve(model: str, sock: socket.socket, *, host: str, api_key: str | None, dtype: str, max_model_len: int | None,
-           gpu_memory_utilization: float, max_images: int | None, announce: Callable[[str], None], server_class,
-           server_config) -> None:
+           gpu_memory_utilization: float, max_images: int | None, max_topk: int, announce: Callable[[str], None],
+           server_class, server_config) -> None:
     from gndpo import __version__
     from gndpo import vllm_engine as engine
     from gndpo.models import context_limit, is_vision_language, load_config, load_processor, tokenizer_fingerprint
@@ -416,16 +444,18 @@ def _serve(model: str, sock: socket.socket, *, host: str, api_key: str | None, d
         max_model_len = context_limit(config) or 4096
     processor = load_processor(model, what="teacher", config=config)
     options = engine.EngineOptions(dtype=engine_dtype(dtype), max_model_len=max_model_len,
-                                   gpu_memory_utilization=gpu_memory_utilization, max_images=max_images)
+                                   gpu_memory_utilization=gpu_memory_utilization, max_images=max_images,
+                                   max_logprobs=max_topk)
     started = time.perf_counter()
     llm = engine.start_engine_with_weights(model, options, config=config)
     try:
-        score_fn = lambda inputs, responses: engine.score(llm, inputs, responses)  # noqa: E731
+        score_fn = lambda inputs, responses, topk: engine.score_topk(llm, inputs, responses, topk)  # noqa: E731
         warm_up(score_fn, processor, model)  # "up" means it scores: a model it loads but cannot run fails here
-        limits = Limits(vocab_size=int(text.vocab_size), max_model_len=max_model_len, max_images=max_images)
-        info = {"gndpo": __version__, "model": model, "model_type": config.model_type, "vision_language": vlm,
-                "dtype": options.dtype, "max_model_len": max_model_len, "max_images": max_images,
-                "vocab_size": limits.vocab_size}
+        limits = Limits(vocab_size=int(text.vocab_size), max_model_len=max_model_len, max_images=max_images,
+                        max_topk=max_topk)
+        info = {"gndpo": __version__, "protocol": WIRE_PROTOCOL, "model": model, "model_type": config.model_type,
+                "vision_language": vlm, "dtype": options.dtype, "max_model_len": max_model_len,
+                "max_images": max_images, "max_topk": max_topk, "vocab_size": limits.vocab_size}
         plain, full = tokenizer_fingerprint(processor), tokenizer_fingerprint(processor, vocab=True)
         scorer = Scorer(score_fn)
         app = build_app(scorer, limits, lambda with_vocab: {**info, "tokenizer": full if with_vocab else plain},

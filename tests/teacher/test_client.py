@@ -20,7 +20,7 @@ from gndpo.errors import ModelError
 from gndpo.lab.tiny import build_processor, build_tokenizer
 from gndpo.models import tokenizer_fingerprint
 from gndpo.rollout.base import Rollouts
-from gndpo.serve import NEG_INF, decode_logprob, encode_logprobs, strict_json_loads
+from gndpo.serve import NEG_INF, WIRE_PROTOCOL, decode_logprob, encode_logprobs, strict_json_loads
 from gndpo.teacher.client import ServerTeacher
 
 NEG_INF_TOKEN = 50  # the fake teachers give this token zero probability
@@ -122,24 +122,37 @@ def expected_scores(rollouts):
     return out
 
 
-def fingerprint_route(processor):
+def fingerprint_route(processor, protocol=WIRE_PROTOCOL, max_topk=20):
     plain, full = tokenizer_fingerprint(processor), tokenizer_fingerprint(processor, vocab=True)
-    return lambda body, path: (200, {"gndpo": "test", "tokenizer": full if "vocab=1" in path else plain})
+    extra = {} if protocol is None else {"protocol": protocol, "max_topk": max_topk}
+    return lambda body, path: (200, {"gndpo": "test", **extra, "tokenizer": full if "vocab=1" in path else plain})
+
+
+def fake_topk(position: int, k: int) -> tuple[list[int], list[float]]:
+    """The fake teacher's top-k at a position: ids 7, 8, ... and log-probs -0.5, -1.5, ... shifted by position."""
+    return [7 + i for i in range(k)], [-0.5 - i - 0.01 * position for i in range(k)]
 
 
 def score_route(processor, seen=None, *, delay=0.0):
-    """A /score that checks each prompt carries one placeholder per image, then answers with fake_logprob."""
+    """A /score that checks each prompt carries one placeholder per image and the body its protocol, then answers
+    with fake_logprob (and fake_topk when asked)."""
     tok = processor.tokenizer
 
     def route(body, path):
         time.sleep(delay)
+        assert body["protocol"] == WIRE_PROTOCOL
         prompts = body["prompts"]
         for p in prompts:
             assert p["prompt_token_ids"].count(tok.convert_tokens_to_ids("<image>")) == len(p["images"])
             if seen is not None:
                 seen.extend(Image.open(io.BytesIO(base64.b64decode(i))).getpixel((0, 0)) for i in p["images"])
         rows = [[fake_logprob(t, j) for j, t in enumerate(r["response_token_ids"])] for r in body["requests"]]
-        return 200, {"logprobs": encode_logprobs(rows)}
+        answer = {"logprobs": encode_logprobs(rows)}
+        if body.get("topk"):
+            tops = [[fake_topk(j, body["topk"]) for j in range(len(r["response_token_ids"]))] for r in body["requests"]]
+            answer["topk_ids"] = [[ids for ids, _ in row] for row in tops]
+            answer["topk_logprobs"] = [encode_logprobs([lps for _, lps in row]) for row in tops]
+        return 200, answer
 
     return route
 
@@ -353,10 +366,18 @@ def test_not_a_scoring_server(serve, vlm_processor):
 
 def openai_routes(tok, *, tokenize=True, wrong_eos=False):
     def completions(body, path):
-        assert body["max_tokens"] == 1 and body["prompt_logprobs"] == 0 and body["model"] == "teacher-7b"
+        k = body["prompt_logprobs"]
+        assert body["max_tokens"] == 1 and body["model"] == "teacher-7b"
         choices = []
         for i, ids in enumerate(body["prompt"]):
-            lps = [None] + [{str(t): {"logprob": max(fake_logprob(t, 0), -9999.0), "rank": 1}} for t in ids[1:]]
+            lps = [None]
+            for j, t in enumerate(ids[1:]):
+                # vLLM's entry: the actual token (its true rank: 9) plus the top k (ranks 1..k), as fake_topk
+                entry = {str(t): {"logprob": max(fake_logprob(t, 0), -9999.0), "rank": 9 if k else 1}}
+                top_ids, top_lps = fake_topk(0, k)
+                entry.update({str(tid): {"logprob": lp, "rank": r + 1} for r, (tid, lp) in enumerate(
+                    zip(top_ids, top_lps))})
+                lps.append(entry)
             choices.append({"index": i, "text": "x", "prompt_logprobs": lps})
         return 200, {"choices": choices[::-1]}  # any order: matched by index
 
@@ -443,3 +464,57 @@ def test_teacher_connect_timeout_reaches_the_client(vlm_processor):
     assert load_config(None, base).teacher.connect_timeout == 600.0  # generous by default
     with pytest.raises(ConfigError, match="teacher.connect_timeout must be >= 0"):
         load_config(None, [*base, "teacher.connect_timeout=-1"])
+
+
+# ---------------------------------------------------------------- top-k and the protocol version
+
+
+def test_topk_travels_with_the_log_probs(serve, vlm_processor):
+    fake = serve({"/fingerprint": fingerprint_route(vlm_processor), "/score": score_route(vlm_processor)})
+    rollouts = make_rollouts()
+    scores = client(fake.url, vlm_processor, topk=3).score(rollouts)
+    assert torch.equal(scores.logprobs, expected_scores(rollouts)) and scores.topk == 3
+    for b in range(rollouts.size):
+        for j in range(int(rollouts.response_mask[b].sum())):
+            ids, lps = fake_topk(j, 3)
+            assert scores.topk_ids[b, j].tolist() == ids
+            torch.testing.assert_close(scores.topk_logprobs[b, j], torch.tensor(lps))
+    assert not bool(scores.topk_ids[~rollouts.response_mask].any())  # 0 outside the mask
+
+
+def test_other_protocol_versions_and_a_too_small_max_topk_are_one_line(serve, vlm_processor):
+    old = serve({"/fingerprint": fingerprint_route(vlm_processor, protocol=None)})
+    one_line_error(lambda: client(old.url, vlm_processor), r"speaks gndpo wire protocol 1, this trainer 2; upgrade "
+                                                            r"gndpo on the server")
+    newer = serve({"/fingerprint": fingerprint_route(vlm_processor, protocol=3)})
+    one_line_error(lambda: client(newer.url, vlm_processor), r"protocol 3, this trainer 2; upgrade gndpo on this trainer")
+    small = serve({"/fingerprint": fingerprint_route(vlm_processor, max_topk=4)})
+    one_line_error(lambda: client(small.url, vlm_processor, topk=8),
+                   r"sends at most the top 4 tokens per position \(its --max-topk\); set algorithm.topk <= 4 or "
+                   r"restart it with --max-topk 8")
+    client(small.url, vlm_processor, topk=4)  # within its limit
+
+
+def test_the_server_refuses_a_body_of_another_protocol():
+    from gndpo.serve import BadRequest, Limits, parse_score_request
+
+    limits = Limits(vocab_size=100, max_model_len=64, max_images=0, max_topk=5)
+    body = {"requests": [{"prompt_token_ids": [1, 2], "response_token_ids": [3]}]}
+    with pytest.raises(BadRequest, match="speaks gndpo wire protocol 2; the client sent protocol 1: upgrade gndpo on "
+                                         "the trainer's side"):
+        parse_score_request(body, limits)
+    with pytest.raises(BadRequest, match=r"topk=6 must be an integer in \[0, 5\]"):
+        parse_score_request({**body, "protocol": 2, "topk": 6}, limits)
+    _, responses, topk = parse_score_request({**body, "protocol": 2, "topk": 5}, limits)
+    assert responses == [[3]] and topk == 5
+
+
+def test_openai_mode_reads_the_topk_by_rank(serve):
+    tok = build_tokenizer()
+    fake = serve(openai_routes(tok))
+    rollouts = make_rollouts(images=False)
+    scores = client(fake.url, tok, topk=3).score(rollouts)
+    mask = rollouts.response_mask
+    assert scores.topk_ids[mask].tolist() == [[7, 8, 9]] * int(mask.sum())
+    torch.testing.assert_close(scores.topk_logprobs[mask], torch.tensor([[-0.5, -1.5, -2.5]] * int(mask.sum())))
+    assert scores.logprobs[0, 1] == -math.inf  # the sampled token's own entry, whatever its rank

@@ -231,6 +231,52 @@ def test_text_server_matches_hf_teacher(servers, text_teacher):
     assert (teacher.score(rollouts).logprobs - hf_scores(text_teacher, rollouts)).abs().max() <= 1e-4
 
 
+def assert_same_topk(got, ref, mask, *, tol=1e-4):
+    """Top-k log-probs equal within ``tol``; ids equal at every rank whose log-prob is not tied (within tol) with a
+    neighbour's (a tie may come out in either order)."""
+    torch.testing.assert_close(got.topk_logprobs[mask], ref.topk_logprobs[mask], atol=tol, rtol=0)
+    lps = ref.topk_logprobs[mask]  # (N, K)
+    gaps = (lps[:, :-1] - lps[:, 1:]).abs() > tol  # (N, K-1): rank i separated from i + 1
+    clear = torch.ones_like(lps, dtype=torch.bool)
+    clear[:, :-1] &= gaps
+    clear[:, 1:] &= gaps
+    assert torch.equal(got.topk_ids[mask][clear], ref.topk_ids[mask][clear])
+    assert float(clear.float().mean()) > 0.5  # the comparison is not vacuous
+
+
+@pytest.mark.parametrize("kind", ["vlm", "text"])
+def test_three_teacher_backends_agree_on_the_topk(servers, lab_task, text_teacher, kind):
+    """The hf teacher (chunked, in-process), the vLLM teacher (prompt_logprobs=K) and the served teacher (wire
+    protocol 2) return the same sampled-token log-probs and the same top-5 at every position (float32)."""
+    from gndpo.models import load_model
+    from gndpo.teacher.hf import HFTeacher
+    from gndpo.teacher.vllm import VLLMTeacher
+    from gndpo.vllm_engine import EngineOptions
+
+    if kind == "vlm":
+        path, url, key = ASSETS / "teacher", servers["vlm"].url, KEY
+        rollouts = random_rollouts(load_records(str(lab_task / "train.jsonl"))[:2])
+    else:
+        path, url, key = text_teacher, servers["text"].url, None
+        records = [PromptRecord(f"t{k}", f"What is {k} plus {k + 1}?", str(2 * k + 1)) for k in range(2)]
+        rollouts = random_rollouts(records)
+    mask = rollouts.response_mask
+    loaded = load_model(str(path), dtype="float32")
+    ref = HFTeacher(loaded.model, loaded.processor, suffix=SUFFIX, topk=5).score(rollouts)
+    served = ServerTeacher(url, api_key=key, processor=loaded.processor, suffix=SUFFIX, micro_batch_size=3,
+                           timeout=60, retries=0, topk=5).score(rollouts)
+    engine = VLLMTeacher(str(path), loaded.processor, suffix=SUFFIX, topk=5, micro_batch_size=8,
+                         options=EngineOptions(max_model_len=512, max_images=1 if kind == "vlm" else 0))
+    try:
+        in_process = engine.score(rollouts)
+    finally:
+        engine.close()
+    for got in (served, in_process):
+        assert got.topk == 5 and (got.topk_ids[~mask] == 0).all()
+        torch.testing.assert_close(got.logprobs[mask], ref.logprobs[mask], atol=1e-4, rtol=0)
+        assert_same_topk(got, ref, mask)
+
+
 @pytest.mark.skipif(os.environ.get("GNDPO_TEST_STOCK_VLLM") != "1", reason="starts vLLM's own OpenAI server "
                     "(about a minute on a CPU); set GNDPO_TEST_STOCK_VLLM=1 to run it")
 def test_stock_vllm_server_scores_text_and_refuses_images(stock_server, text_teacher, lab_task, caplog):
@@ -246,6 +292,15 @@ def test_stock_vllm_server_scores_text_and_refuses_images(stock_server, text_tea
     assert (teacher.score(rollouts).logprobs - hf_scores(text_teacher, rollouts)).abs().max() <= 1e-4
     with pytest.raises(ModelError, match="cannot take images .* gndpo serve-teacher"):
         teacher.score(random_rollouts(load_records(str(lab_task / "train.jsonl"))[:2]))
+    # the top-k through vLLM's prompt_logprobs=K (its default --max-logprobs is 20)
+    from gndpo.models import load_model
+    from gndpo.teacher.hf import HFTeacher
+
+    topk = ServerTeacher(stock_server.url, api_key=None, processor=processor, suffix=SUFFIX, micro_batch_size=4,
+                         timeout=60, retries=0, topk=5).score(rollouts)
+    loaded = load_model(str(text_teacher), dtype="float32")
+    assert_same_topk(topk, HFTeacher(loaded.model, loaded.processor, suffix=SUFFIX, topk=5).score(rollouts),
+                     rollouts.response_mask)
 
 
 # ---------------------------------------------------------------- training against a served teacher
@@ -276,6 +331,7 @@ def test_train_two_steps_with_served_teacher(servers, lab_task, tmp_path, monkey
 
 
 def post(url, payload, key=None):
+    payload = {"protocol": 2, **payload}
     headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
     request = urllib.request.Request(url + "/score", data=json.dumps(payload).encode(), headers=headers)
     try:
@@ -371,13 +427,21 @@ def fake_app(score_fn, *, key=None):
 
 
 def test_app_encodes_neg_inf_and_refuses_nan():
-    def engine(inputs, responses):
-        return [[-math.inf if t == 13 else (math.nan if t == 66 else -0.5) for t in r] for r in responses]
+    def engine(inputs, responses, topk):
+        return [([-math.inf if t == 13 else (math.nan if t == 66 else -0.5) for t in r],
+                 [list(range(topk))] * len(r), [[-0.25] * topk] * len(r)) for r in responses]
 
     app = fake_app(engine)
-    answer = app.post("/score", json={"requests": [{"prompt_token_ids": [1], "response_token_ids": [13, 7]}]})
+    answer = app.post("/score", json={"protocol": 2, "requests": [{"prompt_token_ids": [1],
+                                                                   "response_token_ids": [13, 7]}]})
     assert answer.status_code == 200 and answer.text == '{"logprobs": [["-Infinity", -0.5]]}'
-    answer = app.post("/score", json={"requests": [{"prompt_token_ids": [1], "response_token_ids": [66]}]})
+    answer = app.post("/score", json={"protocol": 2, "topk": 2, "requests": [{"prompt_token_ids": [1],
+                                                                              "response_token_ids": [7]}]})
+    assert answer.json() == {"logprobs": [[-0.5]], "topk_ids": [[[0, 1]]], "topk_logprobs": [[[-0.25, -0.25]]]}
+    answer = app.post("/score", json={"requests": [{"prompt_token_ids": [1], "response_token_ids": [7]}]})
+    assert answer.status_code == 400 and "the client sent protocol 1" in answer.json()["error"]
+    answer = app.post("/score", json={"protocol": 2, "requests": [{"prompt_token_ids": [1],
+                                                                   "response_token_ids": [66]}]})
     assert answer.status_code == 500 and "nan" in answer.json()["error"]
     answer = app.post("/score", content=b'{"requests": [NaN]}', headers={"Content-Type": "application/json"})
     assert answer.status_code == 400 and "bare NaN" in answer.json()["error"]
@@ -387,7 +451,7 @@ def test_app_encodes_neg_inf_and_refuses_nan():
 def test_worker_merges_waiting_requests_and_isolates_a_bad_one():
     gate, calls = threading.Event(), []
 
-    def engine(inputs, responses):
+    def engine(inputs, responses, topk):
         gate.wait(10)
         calls.append(len(responses))
         if any(13 in r for r in responses):

@@ -43,7 +43,7 @@ import torch
 
 from gndpo.errors import ModelError
 from gndpo.rollout.base import Rollouts
-from gndpo.serve import decode_logprob, strict_json_loads
+from gndpo.serve import WIRE_PROTOCOL, decode_logprob, strict_json_loads
 from gndpo.teacher.base import TeacherScores
 
 log = logging.getLogger("gndpo")
@@ -68,8 +68,9 @@ class ServerTeacher:
 
     def __init__(self, url: str, *, api_key: str | None, processor, suffix: str | None,
                  system_prompt: str | None = None, micro_batch_size: int = 8, timeout: float = 600.0,
-                 retries: int = 3, backoff: float = 1.0, connect_timeout: float = 600.0):
+                 retries: int = 3, backoff: float = 1.0, connect_timeout: float = 600.0, topk: int = 0):
         self.url = url.rstrip("/")
+        self.topk = topk
         self.api_key = api_key
         self.processor = processor
         self.suffix, self.system_prompt = suffix, system_prompt
@@ -77,6 +78,21 @@ class ServerTeacher:
         self.timeout, self.retries, self.backoff = timeout, retries, backoff
         self.connect_timeout, self._waiting = connect_timeout, False
         self.mode, self.info = self._discover()
+        if self.mode == "gndpo":
+            self._check_protocol()
+
+    def _check_protocol(self) -> None:
+        """One line when the server speaks another version of the wire format, or cannot send the top-k asked."""
+        theirs = self.info.get("protocol", 1)
+        if theirs != WIRE_PROTOCOL:
+            side = "the server" if not isinstance(theirs, int) or theirs < WIRE_PROTOCOL else "this trainer"
+            raise ModelError(f"teacher server {self.url} speaks gndpo wire protocol {theirs}, this trainer "
+                             f"{WIRE_PROTOCOL}; upgrade gndpo on {side}")
+        most = self.info.get("max_topk", 0)
+        if self.topk > most:
+            raise ModelError(f"teacher server {self.url} sends at most the top {most} tokens per position "
+                             f"(its --max-topk); set algorithm.topk <= {most} or restart it with --max-topk "
+                             f"{self.topk}")
 
     def close(self) -> None:
         """Nothing to free: each request opens and closes its own connection; the server keeps running."""
@@ -223,11 +239,9 @@ class ServerTeacher:
 
     # ------------------------------------------------------------ scoring
 
-    topk = 0  # the served teacher reports the sampled tokens' log-probs only
-
     def score(self, rollouts: Rollouts) -> TeacherScores:
         """:class:`TeacherScores`: log-probs ``(B, R)`` float32 of the response tokens, 0 outside the mask, ``-inf``
-        kept."""
+        kept; with ``topk`` the teacher's top-k ids and log-probs ``(B, R, K)``."""
         from gndpo.vllm_engine import prompt_ids
 
         if self.mode == "openai" and any(r.images for r in rollouts.records):
@@ -246,13 +260,18 @@ class ServerTeacher:
                 for p in prompts:
                     if p not in images:
                         images[p] = [_png_base64(im) for im in rollouts.records[p].images]
-                jobs.append(self._gndpo_payload(prompts, [responses[b] for b in chunk], ids, images))
+                jobs.append({"protocol": WIRE_PROTOCOL, "topk": self.topk,
+                             **self._gndpo_payload(prompts, [responses[b] for b in chunk], ids, images)})
             else:
-                jobs.append({"model": self.info["model"], "max_tokens": 1, "temperature": 1.0, "prompt_logprobs": 0,
+                jobs.append({"model": self.info["model"], "max_tokens": 1, "temperature": 1.0,
+                             "prompt_logprobs": self.topk,
                              "prompt": [ids[p] + responses[b] for p, b in zip(prompts, chunk)]})
-        out = torch.zeros(rollouts.response_ids.shape, dtype=torch.float32)  # (B, R)
+        B, R = rollouts.response_ids.shape
+        out = torch.zeros(B, R, dtype=torch.float32)  # (B, R)
+        top_ids = torch.zeros(B, R, self.topk, dtype=torch.long) if self.topk else None  # (B, R, K)
+        top_lps = torch.zeros(B, R, self.topk, dtype=torch.float32) if self.topk else None  # (B, R, K)
         if not jobs:
-            return TeacherScores(out)
+            return TeacherScores(out, top_ids, top_lps)
         send = self._send_gndpo if self.mode == "gndpo" else self._send_openai
         with concurrent.futures.ThreadPoolExecutor(max_workers=min(len(jobs), MAX_IN_FLIGHT)) as pool:
             futures = [pool.submit(send, job, [responses[b] for b in chunk]) for job, chunk in zip(jobs, chunks)]
@@ -263,9 +282,12 @@ class ServerTeacher:
                     f.cancel()
                 raise
         for chunk, scores in zip(chunks, results):
-            for b, row in zip(chunk, scores):
+            for b, (row, row_ids, row_lps) in zip(chunk, scores):
                 out[b, :len(row)] = torch.tensor(row, dtype=torch.float32)
-        return TeacherScores(out)
+                if self.topk and row:
+                    top_ids[b, :len(row)] = torch.tensor(row_ids, dtype=torch.long)
+                    top_lps[b, :len(row)] = torch.tensor(row_lps, dtype=torch.float32)
+        return TeacherScores(out, top_ids, top_lps)
 
     @staticmethod
     def _gndpo_payload(prompts: list[int], responses: list[list[int]], ids: list[list[int]],
@@ -276,13 +298,33 @@ class ServerTeacher:
         return {"prompts": [{"prompt_token_ids": ids[p], "images": images[p]} for p in local],
                 "requests": [{"prompt": local[p], "response_token_ids": r} for p, r in zip(prompts, responses)]}
 
-    def _send_gndpo(self, payload: dict, responses: list[list[int]]) -> list[list[float]]:
+    def _send_gndpo(self, payload: dict, responses: list[list[int]]) -> list[tuple]:
         answer = self._json("POST", "/score", payload)
         rows = answer.get("logprobs") if isinstance(answer, dict) else None
         if not isinstance(rows, list) or len(rows) != len(responses):
             got = len(rows) if isinstance(rows, list) else "no"
             raise ModelError(f"teacher server {self.url} returned {got} log-prob rows for {len(responses)} responses")
-        return [self._row(row, len(resp), i) for i, (row, resp) in enumerate(zip(rows, responses))]
+        sampled = [self._row(row, len(resp), i) for i, (row, resp) in enumerate(zip(rows, responses))]
+        if not self.topk:
+            return [(row, [], []) for row in sampled]
+        ids, lps = answer.get("topk_ids"), answer.get("topk_logprobs")
+        if not isinstance(ids, list) or not isinstance(lps, list) or not len(ids) == len(lps) == len(responses):
+            raise ModelError(f"teacher server {self.url} returned no top-{self.topk} tokens (topk_ids/topk_logprobs)")
+        return [(row, self._topk_ids(i_row, len(row), i), [self._row(pos, self.topk, i) for pos in self._row_list(
+            l_row, len(row), i)]) for i, (row, i_row, l_row) in enumerate(zip(sampled, ids, lps))]
+
+    def _row_list(self, row: Any, length: int, i: int) -> list:
+        if not isinstance(row, list) or len(row) != length:
+            raise ModelError(f"teacher server {self.url} returned top-k for {len(row) if isinstance(row, list) else 0} "
+                             f"of {length} positions (row {i})")
+        return row
+
+    def _topk_ids(self, row: Any, length: int, i: int) -> list[list[int]]:
+        positions = self._row_list(row, length, i)
+        if not all(isinstance(p, list) and len(p) == self.topk and all(isinstance(t, int) for t in p)
+                   for p in positions):
+            raise ModelError(f"teacher server {self.url} returned malformed top-{self.topk} token ids (row {i})")
+        return positions
 
     def _row(self, row: Any, length: int, i: int) -> list[float]:
         if not isinstance(row, list) or len(row) != length:
@@ -308,7 +350,7 @@ class ServerTeacher:
                 raise ModelError(f"teacher server {self.url} returned no prompt_logprobs for a sequence of "
                                  f"{len(full)} tokens; a vLLM server is needed (prompt_logprobs is vLLM's extension)")
             start = len(full) - len(resp)
-            row = []
+            row, top_ids, top_lps = [], [], []
             for j, tid in enumerate(resp):
                 entry = lps[start + j]
                 value = entry.get(str(tid)) if isinstance(entry, dict) else None
@@ -316,8 +358,18 @@ class ServerTeacher:
                     raise ModelError(f"teacher server {self.url} returned no log-prob for token {tid} at position "
                                      f"{start + j}")
                 row.append(value.get("logprob"))
+                if self.topk:  # vLLM's entry: the actual token plus the top-k, each with its rank
+                    ranked = sorted((v.get("rank"), int(t), v.get("logprob")) for t, v in entry.items()
+                                    if isinstance(v, dict) and isinstance(v.get("rank"), int) and v["rank"] <= self.topk)
+                    if len(ranked) != self.topk:
+                        raise ModelError(f"teacher server {self.url} returned {len(ranked)} of the top {self.topk} "
+                                         f"tokens at position {start + j}; start vLLM with --max-logprobs "
+                                         f"{self.topk} or more")
+                    top_ids.append([t for _, t, _ in ranked])
+                    top_lps.append(self._row([v for _, _, v in ranked], self.topk, len(rows)))
             row = self._row(row, len(resp), len(rows))
-            rows.append([-math.inf if v <= OPENAI_NEG_INF else v for v in row])
+            neg = lambda values: [-math.inf if v <= OPENAI_NEG_INF else v for v in values]  # noqa: E731
+            rows.append((neg(row), top_ids, [neg(p) for p in top_lps]))
         return rows
 
 
