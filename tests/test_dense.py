@@ -156,3 +156,13 @@ def test_bad_dense_settings_are_one_line_before_any_model_loads(tiny_dir, extra,
     with pytest.raises(ConfigError) as err:
         dense_cfg(tiny_dir, "unused", *extra)
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_dense_loss_trains_lora_adapters(tiny_dir, tmp_path):
+    from gndpo.checkpoint import export_checkpoint
+
+    train(dense_cfg(tiny_dir, tmp_path / "lora", "model.lora.rank=4", steps=1))
+    out, what = export_checkpoint(tmp_path / "lora")
+    assert "LoRA adapters" in what and (out / "adapter_model.safetensors").is_file()
+    row = json.loads(open(tmp_path / "lora" / "metrics.jsonl").readline())
+    assert row["grad_norm"] > 0 and row["distill/divergence"] > 0

@@ -20,6 +20,10 @@ from gndpo.train import train
 pytestmark = pytest.mark.slow
 HERE = Path(__file__).resolve().parent
 METHODS = ("gndpo", "opd", "gspo")
+# dense (top-k) distillation, one setting of each mode: (name, overrides)
+DENSE = {"dense-loss": ["algorithm.distill=topk", "algorithm.topk=5", "algorithm.divergence=forward_kl"],
+         "dense-reward": ["algorithm.distill=topk", "algorithm.topk=5", "algorithm.dense_mode=reward"]}
+RUNS = [(kind, method) for kind in ("text", "vlm") for method in METHODS] + [("text", name) for name in DENSE]
 
 
 def free_port() -> int:
@@ -44,6 +48,8 @@ def overrides(kind, family_dir, lab_pair, out, *, method, steps=3, extra=()):
     else:
         paths = lab_pair
         data = [f"data.train={family_dir / 'lab' / 'train.jsonl'}"]
+    if method in DENSE:
+        method, extra = "gndpo", [*DENSE[method], *extra]
     return [f"model.path={paths[0]}", f"teacher.path={paths[1]}", *data, f"algorithm.method={method}",
             "rollout.n=4", "rollout.max_new_tokens=10", "trainer.prompts_per_step=4", "trainer.micro_batch_size=4",
             f"trainer.total_steps={steps}", "trainer.device=cpu", f"trainer.output_dir={out}", "optim.lr=1e-4",
@@ -72,12 +78,11 @@ def two_ranks(family_dir, lab_pair, lab_task, tmp_path_factory):
     """One torchrun running every (kind, method) on 2 ranks, and the same runs in this process."""
     root = tmp_path_factory.mktemp("dist")
     runs, refs = [], {}
-    for kind in ("text", "vlm"):
-        for method in METHODS:
-            adv = root / f"adv-{kind}-{method}"
-            adv.mkdir()
-            runs.append({"overrides": overrides(kind, family_dir, lab_pair, root / f"2-{kind}-{method}",
-                                                method=method), "advantages": str(adv)})
+    for kind, method in RUNS:
+        adv = root / f"adv-{kind}-{method}"
+        adv.mkdir()
+        runs.append({"overrides": overrides(kind, family_dir, lab_pair, root / f"2-{kind}-{method}",
+                                            method=method), "advantages": str(adv)})
     result = torchrun({"runs": runs, "hash_reward": True}, root)
     assert result.returncode == 0, result.stderr[-3000:]
     import gndpo.train
@@ -86,26 +91,27 @@ def two_ranks(family_dir, lab_pair, lab_task, tmp_path_factory):
     gndpo.train.get_reward = lambda name: (
             lambda texts, answers: [float(zlib.crc32(t.encode()) % 2) for t in texts])
     try:
-        for kind in ("text", "vlm"):
-            for method in METHODS:
-                seen = []
-                train(load_config(None, overrides(kind, family_dir, lab_pair, root / f"1-{kind}-{method}",
-                                                  method=method)), callbacks=[seen.append])
-                refs[kind, method] = seen
+        for kind, method in RUNS:
+            seen = []
+            train(load_config(None, overrides(kind, family_dir, lab_pair, root / f"1-{kind}-{method}",
+                                              method=method)), callbacks=[seen.append])
+            refs[kind, method] = seen
     finally:
         gndpo.train.get_reward = real
     return root, refs
 
 
-@pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("kind", ["text", "vlm"])
+@pytest.mark.parametrize("kind, method", RUNS)
 def test_two_ranks_train_as_one_process(two_ranks, family_dir, lab_pair, kind, method):
     root, refs = two_ranks
     one = [json.loads(line) for line in open(root / f"1-{kind}-{method}" / "metrics.jsonl")]
     two = [json.loads(line) for line in open(root / f"2-{kind}-{method}" / "metrics.jsonl")]
     assert [r["step"] for r in two] == [1, 2, 3]
     for a, b in zip(one, two):  # pooled metrics: the global batch's, whatever the split
-        for key in ("loss", "grad_norm", "entropy", "reward_mean", "reward_std", "accuracy", "response_length"):
+        keys = ["loss", "grad_norm", "entropy", "reward_mean", "reward_std", "accuracy", "response_length"]
+        if method in DENSE:
+            keys += ["distill/divergence", "distill/teacher_tail", "distill/student_tail"]
+        for key in keys:
             assert math.isclose(a[key], b[key], rel_tol=1e-4, abs_tol=1e-6), (key, a[key], b[key])
         assert a["grad_norm"] > 0
     # advantages: rank r holds the responses of its half of the prompts; each equals the single process's

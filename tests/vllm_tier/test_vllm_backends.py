@@ -453,3 +453,15 @@ def test_an_export_loads_in_vllm(lab_pair, vllm_dir, tmp_path, run_cfg, kind):
         assert sum(gaps) / len(gaps) < 2e-2  # bfloat16 kernels on both sides
     finally:
         shutdown(llm)
+
+
+@pytest.mark.parametrize("mode", ["loss", "reward"])
+def test_dense_distillation_with_vllm_sampler_and_teacher(lab_pair, vllm_dir, tmp_path, run_cfg, read_metrics, mode):
+    """Dense (top-k) distillation on the engines: the vLLM teacher's top-k (prompt_logprobs=K) against a student
+    sampled by vLLM; two steps train and log the divergence."""
+    extra = ["rollout.backend=vllm", "teacher.backend=vllm", "algorithm.distill=topk", "algorithm.topk=5",
+             f"algorithm.dense_mode={mode}", "rollout.sync_check_every=1"]
+    train(run_cfg(lab_pair, vllm_dir / "vlm" / "train.jsonl", tmp_path / mode, steps=2, extra=extra))
+    rows = read_metrics(tmp_path / mode)
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(r["distill/divergence"] > 0 and r["grad_norm"] > 0 and r["rollout/sync_gap"] < 1e-4 for r in rows)
