@@ -336,3 +336,18 @@ def test_teacher_backends_in_the_plan(internvl_dirs, capsys):
     rc, out, _ = run_cli(["train", PRESET_1B, "--dry-run", "--gpu-memory", "80GB", *models, "teacher.backend=vllm",
                           "teacher.vllm.gpu_memory_utilization=0.25"], capsys)
     assert rc == 0 and re.search(r"^# vLLM engine \(teacher\) +all +20\.00$", out, re.M)
+
+
+def test_dense_distillation_counts_its_topk_buffers(internvl_dirs):
+    base = [f"model.path={internvl_dirs['1b']}", f"teacher.path={internvl_dirs['8b']}", "data.train=x.jsonl",
+            "rollout.backend=hf"]
+    sampled = build_plan(load_config("configs/paper/internvl3_5-1b-gndpo.yaml", base))
+    dense = build_plan(load_config("configs/paper/internvl3_5-1b-gndpo.yaml",
+                                   [*base, "algorithm.distill=topk", "algorithm.topk=20"]))
+    lines = {x.name: x.bytes for x in dense.lines}
+    R = 16384  # the preset's responses; teacher micro-batch 4, update micro-batch 4
+    assert lines["top-k buffers (teacher scoring)"] == 4 * R * 20 * 12
+    assert lines["top-k buffers (old log-probs)"] == 4 * R * 20 * 12
+    assert lines["top-k buffers (update)"] == 4 * R * 21 * 48
+    assert not any(x.name.startswith("top-k") for x in sampled.lines)
+    assert dense.phase_bytes["update"] - sampled.phase_bytes["update"] == 4 * R * 21 * 48

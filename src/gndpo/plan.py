@@ -61,6 +61,10 @@ Lines (bytes):
   sequences decoded together (the decode loop's buffers grow by doubling but never past ``P + R``), plus the
   larger of the prefill's working memory and the sampling buffers ``B V (p + 24)`` (float32 copies for
   filtering, softmax and log-probs, float64 CDF);
+- top-k buffers (``algorithm.distill=topk``, K = ``algorithm.topk``): per response token of a micro-batch, the
+  teacher's top-k ids and log-probs (12 K bytes) while it scores and while the student's old pass scores them;
+  in the update the buckets, the divergence's terms and their gradients (~48 (K + 1) bytes). The student's
+  full-vocabulary log-softmax is never materialized: the chunked log-prob buffers above cover it;
 - KV cache and working memory of the scoring passes (teacher, ``teacher.micro_batch_size`` sequences; the
   student's old log-probs, ``trainer.micro_batch_size``, when that pass runs): as the update's layout, no
   gradients; working memory is one layer at a time, ``tokens * (3hp + 4h + p * max(3I, (3a + 2k')d))``.
@@ -487,6 +491,14 @@ def build_plan(cfg: RunConfig, *, world_size: int = 1, shard: str = "none", shar
     if teacher is not None and t.backend == "hf":  # loaded without attn_implementation: SDPA
         lines += _scoring_lines(teacher, pt, "teacher scoring", "teacher scoring", t.micro_batch_size, n, P, R,
                                 shared=teacher.shares_prefixes, attn=None)
+    if a.distill == "topk" and teacher is not None:
+        # the teacher's top-k ids (8 bytes) and log-probs (4) per response token of a scoring micro-batch; the
+        # student's log-probs of them in the old pass; in the update also the buckets, the divergence's terms and
+        # their gradients (~10 float32 per bucket)
+        K = a.topk
+        lines.append(MemoryLine("top-k buffers (teacher scoring)", ("teacher scoring",), t.micro_batch_size * R * K * 12))
+        lines.append(MemoryLine("top-k buffers (old log-probs)", ("old log-probs",), tr.micro_batch_size * R * K * 12))
+        lines.append(MemoryLine("top-k buffers (update)", ("update",), tr.micro_batch_size * R * (K + 1) * 48))
     lines.append(MemoryLine("gradients", ("update", "optimizer step"), trainable_bytes // div))
     largest = student.largest_param * (4 if lora else ps)
     lines += _update_lines(student, p, cfg, attn, shared=shared, trainable_bytes=trainable_bytes // div,
