@@ -166,3 +166,19 @@ def test_dense_loss_trains_lora_adapters(tiny_dir, tmp_path):
     assert "LoRA adapters" in what and (out / "adapter_model.safetensors").is_file()
     row = json.loads(open(tmp_path / "lora" / "metrics.jsonl").readline())
     assert row["grad_norm"] > 0 and row["distill/divergence"] > 0
+
+
+def test_the_inspector_can_colour_tokens_by_the_divergence(tiny_dir, tmp_path):
+    from gndpo.report.inspect import write_report
+    from gndpo.report.outliers import load_rollouts
+
+    seen = []
+    train(dense_cfg(tiny_dir, tmp_path / "run", "algorithm.dense_mode=reward", "logging.rollouts_every=1", steps=1),
+          callbacks=[seen.append])
+    saved = load_rollouts(tmp_path / "run")[0]
+    resp = saved["responses"][0]
+    n = len(resp["tokens"])
+    expected = [round(v, 4) for v in seen[0].divergence[resp["row"], :n].tolist()]
+    assert resp["div"] == pytest.approx(expected, abs=1e-4)
+    html = write_report([str(tmp_path / "run")], tmp_path / "page.html").read_text()
+    assert 'value="div"' in html and '"div":' in html.replace(" ", "")

@@ -5,8 +5,8 @@ inline JavaScript) shows, for one or more runs side by side:
 
 - a step timeline of the outlier metrics (max |r_t|, clamp fraction, share of sum |A_t| in the top 1 % of tokens,
   kurtosis of r_t) and the pre-clip gradient norm; clicking a point selects the step;
-- for the chosen step (of those with saved rollouts): histograms of r_t and A_t, and the saved responses with
-  each token coloured by r_t or by A_t on a diverging scale (blue negative, red positive), clamped tokens
+- for the chosen step (of those with saved rollouts): histograms of r_t and A_t (and of the top-k divergence D_t in
+  dense runs), and the saved responses with each token coloured by r_t, A_t or D_t on a diverging scale (blue negative, red positive), clamped tokens
   outlined, values on hover;
 - a table of each run's most extreme tokens with their context.
 
@@ -118,7 +118,8 @@ table{border-collapse:collapse;width:100%;font-size:12px}td,th{padding:3px 6px;b
 <div class="controls">
  <label>step <select id="step"></select></label>
  <label>colour by <select id="colour"><option value="r">r_t = log p_teacher − log p_student</option>
- <option value="adv">A_t (advantage)</option></select></label>
+ <option value="adv">A_t (advantage)</option>
+ <option value="div">D_t (top-k divergence, dense runs)</option></select></label>
  <span><span class="scale"></span> <span id="scaletext" class="muted"></span></span>
  <span class="muted">outlined: clamped r_t; hover a token for its values</span>
 </div>
@@ -233,6 +234,7 @@ function responseView(resp, by, scale) {
     const v = resp[by] ? resp[by][j] : null;
     s.style.background = diverging(num(v), scale);
     s.title = `${JSON.stringify(tok)}  r=${fmt(resp.r ? resp.r[j] : null)}  A=${fmt(resp.adv ? resp.adv[j] : null)}` +
+      (resp.div ? `  D=${fmt(resp.div[j])}` : "") +
       `  student=${fmt(resp.student ? resp.student[j] : null)}  teacher=${fmt(resp.teacher ? resp.teacher[j] : null)}` +
       (resp.clamped && resp.clamped[j] ? "  (clamped)" : "");
     toks.appendChild(s);
@@ -271,6 +273,7 @@ function renderStep() {
     const all = k => s.responses.flatMap(resp => resp[k] || []);
     card.appendChild(histogram(all("r"), "r_t", "#b2182b"));
     card.appendChild(histogram(all("adv"), "A_t", "#2166ac"));
+    if (all("div").length) card.appendChild(histogram(all("div"), "D_t (top-k divergence)", "#762a83"));
     s.responses.forEach(resp => card.appendChild(responseView(resp, by, scale)));
     view.appendChild(card);
   });

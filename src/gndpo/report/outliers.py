@@ -138,7 +138,8 @@ class OutlierReport:
                 "row": i, "prompt_id": record.id, "prompt": record.prompt, "answer": record.answer,
                 "outcome": float(rec.outcome_rewards[i]), "tokens": _token_texts(self.tokenizer, ids),
                 "student": col(rec.old_logprobs, i, n), "teacher": col(rec.teacher_logprobs, i, n),
-                "r": col(r, i, n), "adv": col(rec.advantages, i, n), "clamped": clamped})
+                "r": col(r, i, n), "adv": col(rec.advantages, i, n), "clamped": clamped,
+                "div": col(getattr(rec, "divergence", None), i, n)})  # the top-k divergence D_t, dense runs
         payload = {"step": rec.step, "clamp": self.clamp, "extreme": top,
                    "metrics": {k: v for k, v in rec.metrics.items()
                                if isinstance(v, (int, float)) and math.isfinite(v)},
