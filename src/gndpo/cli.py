@@ -438,9 +438,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="lab_out", help="output directory")
     p.add_argument("--seeds", type=int, default=None, help="seeds per method")
     p.add_argument("--steps", type=int, default=None, help="training steps per run")
-    p.add_argument("--methods", nargs="+", default=None, help="subset of gspo opd gndpo")
+    p.add_argument("--methods", nargs="+", default=None, help="subset of gspo opd gndpo (with --dense also "
+                   "fkl-topk-loss rkl-topk-loss rkl-topk-gndpo)")
     p.add_argument("--quick", action="store_true", help="smoke version (CI): few steps, small eval")
     p.add_argument("--stress", action="store_true", help="also run the stress setting (OPD vs GNDPO at high temperature)")
+    p.add_argument("--dense", action="store_true", help="dense (top-k) distillation: forward and reverse KL over the "
+                   "teacher's top-8 as losses and reverse KL as a GNDPO-normalized reward, beside OPD and GNDPO "
+                   "(in the stress setting too with --stress)")
     p.add_argument("--jobs", type=int, default=None, metavar="N", help="worker processes for the runs and "
                    "evaluations, one torch thread each (default: one per CPU core); 1 = in sequence, in this process")
     p.add_argument("--seed", type=int, default=0, help="bootstrap: task/model seed")

@@ -35,6 +35,16 @@ from gndpo.errors import GndpoError
 log = logging.getLogger("gndpo")
 
 METHODS = ("gspo", "opd", "gndpo")
+# Dense (top-k) distillation settings `gndpo lab --dense` runs beside OPD and GNDPO: name -> (recipe, overrides).
+# K = 8 of the lab's ~100-token vocabulary.
+DENSE = {
+    "fkl-topk-loss": ("gndpo", ("algorithm.distill=topk", "algorithm.topk=8", "algorithm.divergence=forward_kl",
+                                "algorithm.dense_mode=loss")),
+    "rkl-topk-loss": ("gndpo", ("algorithm.distill=topk", "algorithm.topk=8", "algorithm.divergence=reverse_kl",
+                                "algorithm.dense_mode=loss")),
+    "rkl-topk-gndpo": ("gndpo", ("algorithm.distill=topk", "algorithm.topk=8", "algorithm.divergence=reverse_kl",
+                                 "algorithm.dense_mode=reward")),
+}
 SPIKE_FACTOR = 3.0
 
 Report = Callable[..., None]  # report(kind, *payload): "phase" name what | "step" name n | "end" name | "log" level msg
@@ -49,6 +59,7 @@ class LabPlan:
     methods: tuple[str, ...]
     stress: bool
     stress_overrides: tuple[str, ...] = ("rollout.temperature=1.6",)
+    dense: bool = False  # also the DENSE settings (and, with stress, in the stress setting too)
 
 
 @dataclass(frozen=True)
@@ -62,16 +73,17 @@ class LabTask:
 
 def plan_from_args(args) -> LabPlan:
     quick = bool(getattr(args, "quick", False))
-    methods = tuple(args.methods or METHODS)
-    bad = [m for m in methods if m not in METHODS]
+    dense = bool(getattr(args, "dense", False))
+    methods = tuple(args.methods or (("opd", "gndpo", *DENSE) if dense else METHODS))
+    bad = [m for m in methods if m not in METHODS and m not in DENSE]
     if bad:
-        raise GndpoError(f"unknown lab method {bad[0]!r}; choose from: {', '.join(METHODS)}")
+        raise GndpoError(f"unknown lab method {bad[0]!r}; choose from: {', '.join((*METHODS, *DENSE))}")
     seeds = args.seeds if args.seeds is not None else (1 if quick else 3)
     steps = args.steps if args.steps is not None else (3 if quick else None)
     if seeds < 1 or (steps is not None and steps < 1):
         raise GndpoError("--seeds and --steps must be >= 1")
     return LabPlan(seeds=seeds, steps=steps or 0, n_train=2000 if quick else 8000, n_test=64 if quick else 1000,
-                   methods=methods, stress=bool(getattr(args, "stress", False)))
+                   methods=methods, stress=bool(getattr(args, "stress", False)), dense=dense)
 
 
 def resolve_jobs(jobs: int | None, n_tasks: int) -> int:
@@ -110,14 +122,15 @@ def run_config(method: str, seed: int, plan: LabPlan, data_dir: Path, runs_dir: 
     from gndpo.config import load_config
 
     name = f"{method}{tag}-seed{seed}"
+    recipe, dense = DENSE.get(method, (method, ()))
     overrides = [f"model.path={assets_dir() / 'student'}", f"teacher.path={assets_dir() / 'teacher'}",
                  f"data.train={data_dir / 'train.jsonl'}", f"trainer.output_dir={runs_dir / name}",
                  f"trainer.seed={seed}", f"logging.run_name={method}{tag}",
                  "logging.progress=false",  # the lab draws one bar for all its runs
-                 *extra]
+                 *dense, *extra]
     if plan.steps:
         overrides.append(f"trainer.total_steps={plan.steps}")
-    cfg = load_config(config_path(method), overrides)
+    cfg = load_config(config_path(recipe), overrides)
     cfg.logging.rollouts_every = max(1, cfg.trainer.total_steps // 10)  # ten saved steps for gndpo inspect
     return cfg
 
@@ -126,7 +139,8 @@ def lab_tasks(plan: LabPlan, data_dir: Path, runs_dir: Path) -> list[LabTask]:
     """The runs in table order, then the evaluations of the shipped student and teacher."""
     runs = [(m, s, (), "") for m in plan.methods for s in range(plan.seeds)]
     if plan.stress:
-        runs += [(m, s, plan.stress_overrides, "-stress") for m in ("opd", "gndpo") for s in range(plan.seeds)]
+        stressed = ("opd", "gndpo", *(m for m in plan.methods if m in DENSE)) if plan.dense else ("opd", "gndpo")
+        runs += [(m, s, plan.stress_overrides, "-stress") for m in stressed for s in range(plan.seeds)]
     tasks = [LabTask(f"{m}{tag}-seed{s}", run_config(m, s, plan, data_dir, runs_dir, extra, tag))
              for m, s, extra, tag in runs]
     return tasks + [LabTask("student"), LabTask("teacher")]
