@@ -115,7 +115,9 @@ def _hub_check(path, env_extra, cwd):
 
 def test_hub_id_fails_at_once_when_the_hub_does_not_answer(tmp_path):
     result, stderr = _hub_check("nobody/no-such-model", {"HF_HUB_CACHE": str(tmp_path / "cache")}, tmp_path)
-    assert "error" in result and result["seconds"] < 2.0, result
+    # "at once": a 1.5 s probe of the hub, not huggingface_hub's retries (27 s before); the bound leaves room for a
+    # loaded CI machine (4 s measured here with four other jobs on two cores)
+    assert "error" in result and result["seconds"] < 10.0, result
     assert result["error"].startswith("model path not found: nobody/no-such-model is not a local directory, not in "
                                       "the Hugging Face cache, and the hub is unreachable (")
     assert "Retrying" not in stderr and "thrown while requesting" not in stderr
