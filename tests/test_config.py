@@ -39,6 +39,23 @@ def test_yaml_then_overrides(tmp_path):
     assert cfg.teacher.path is None  # gspo needs no teacher
 
 
+def test_running_norm_stats_apply_to_the_batch_scope_only():
+    cfg = load_config(None, BASE)
+    assert (cfg.algorithm.norm_stats, cfg.algorithm.norm_decay) == ("batch", 0.9)  # the paper's batch statistics
+    for extra in (["algorithm.method=opd", "algorithm.scope=batch"], ["algorithm.norm_decay=0"]):
+        assert load_config(None, BASE + ["algorithm.norm_stats=running", *extra]).algorithm.norm_stats == "running"
+    for extra, got in ((["algorithm.scope=group"], "advantage=gndpo, scope=group"),
+                       (["algorithm.scope=sequence"], "advantage=gndpo, scope=sequence"),
+                       (["algorithm.method=opd"], "advantage=opd, scope=none"),
+                       (["algorithm.method=gspo"], "advantage=grpo, scope=none")):
+        with pytest.raises(ConfigError, match=rf"^algorithm.norm_stats=running applies to scope=batch of gndpo/opd "
+                                              rf"only \(got {got}\): .* use algorithm.method=gndpo or "
+                                              rf"algorithm.norm_stats=batch$"):
+            load_config(None, BASE + ["algorithm.norm_stats=running", *extra])
+    with pytest.raises(ConfigError, match=r"algorithm.norm_decay=1.5 must be in \[0, 1\]"):
+        load_config(None, BASE + ["algorithm.norm_decay=1.5"])
+
+
 def test_gspo_needs_two_samples():
     with pytest.raises(ConfigError, match="rollout.n must be >= 2"):
         load_config(None, BASE + ["algorithm.method=gspo", "rollout.n=1", "trainer.micro_batch_size=1"])

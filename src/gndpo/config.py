@@ -166,6 +166,12 @@ class AlgorithmConfig:
     advantage: Optional[str] = _f(None, "Advantage estimator (gndpo, opd, grpo); default from the method.")
     scope: Optional[str] = _f(None, "Normalization scope of the distillation reward (batch, group, sequence, none); default from the method.",
                               choices=(None, "batch", "group", "sequence", "none"))
+    norm_stats: str = _f("batch", "Statistics that z-score the reward under scope=batch: batch = this batch's mean and "
+                         "variance (the paper); running = this batch's joined with earlier steps', exponentially "
+                         "decayed by algorithm.norm_decay (steadier at small batches; docs/LAB.md measures it).",
+                         choices=("batch", "running"))
+    norm_decay: float = _f(0.9, "norm_stats=running: weight of the earlier steps' statistics, in [0, 1]; 0 = the "
+                           "batch's alone, 0.9 = about the last 10 steps.")
     reward_clamp: Optional[float] = _f(5.0, "Clamp |log p_teacher - log p_student| at this bound; null = no clamp.")
     policy_loss: Optional[str] = _f(None, "Policy loss (gspo_token, ppo, reinforce); default from the method.")
     loss_agg_mode: Optional[str] = _f(None, "Loss aggregation; the paper uses seq-mean-token-mean.",
@@ -419,6 +425,12 @@ def validate(cfg: RunConfig) -> RunConfig:
         _check(a.dense_mode == "loss" or a.old_logprobs == "recompute",
                "algorithm.dense_mode=reward scores the teacher's top-k under the student before the update, the "
                "pass algorithm.old_logprobs=sampler saves; use algorithm.old_logprobs=recompute")
+    _check(0 <= a.norm_decay <= 1, f"algorithm.norm_decay={a.norm_decay} must be in [0, 1]")
+    # per-group or per-sequence running statistics would have nothing to carry over: each step's are new prompts
+    _check(a.norm_stats == "batch" or (a.advantage in DISTILLATION_ESTIMATORS and a.scope == "batch"),
+           f"algorithm.norm_stats=running applies to scope=batch of gndpo/opd only (got advantage={a.advantage}, "
+           f"scope={a.scope}): none normalizes nothing, and group or sequence statistics do not carry over between "
+           f"steps, whose prompts are new; use algorithm.method=gndpo or algorithm.norm_stats=batch")
 
     lora = cfg.model.lora
     _check(lora.rank >= 0, "model.lora.rank must be >= 0 (0 = LoRA off)")

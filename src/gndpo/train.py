@@ -32,6 +32,7 @@ from gndpo.backends import build_rollout, build_teacher
 from gndpo.config import RunConfig, to_dict
 from gndpo.core.advantages import compute_advantages
 from gndpo.core.logprobs import TokenStats
+from gndpo.core.normstats import Moments, running_step
 from gndpo.data.loaders import load_records
 from gndpo.data.sampler import PromptSampler
 from gndpo.data.templates import PAPER_SUFFIX
@@ -79,10 +80,12 @@ def seed_everything(seed: int) -> None:
 
 
 def compute_step_advantages(cfg: RunConfig, rollouts: Rollouts, old_lp: torch.Tensor, teacher: TeacherScores | None,
-                            outcome: torch.Tensor, dist: DistContext, old_stats: TokenStats | None = None
-                            ) -> tuple[torch.Tensor, dict, torch.Tensor | None]:
-    """The step's advantages, their metrics, and the per-token top-k divergence under the pre-update student
-    (``algorithm.distill=topk``, when ``old_stats`` scored the teacher's top-k; else None)."""
+                            outcome: torch.Tensor, dist: DistContext, old_stats: TokenStats | None = None,
+                            norm: Moments | None = None
+                            ) -> tuple[torch.Tensor, dict, torch.Tensor | None, Moments | None]:
+    """The step's advantages, their metrics, the per-token top-k divergence under the pre-update student
+    (``algorithm.distill=topk``, when ``old_stats`` scored the teacher's top-k; else None), and the running reward
+    statistics after this step (``norm``: before it; None unless algorithm.norm_stats=running; core/normstats.py)."""
     a = cfg.algorithm
     mask = rollouts.response_mask
     reduce = dist.all_reduce if dist.distributed else None
@@ -97,16 +100,18 @@ def compute_step_advantages(cfg: RunConfig, rollouts: Rollouts, old_lp: torch.Te
         var = max(pooled["sq"] - pooled["mean"] ** 2, 0.0) * total / (total - 1) if total > 1 else 0.0
         metrics = {"reward_mean": pooled["mean"], "reward_std": math.sqrt(var), "reward_min": pooled["min"],
                    "reward_max": pooled["max"], "clamp_frac": 0.0, **metrics}
-        return adv, metrics, None
+        return adv, metrics, None, None
     div, extra = None, {}
     if old_stats is not None and old_stats.gathered is not None:  # dense: D_t under the pre-update student
         values = divergence(cfg, teacher.topk_logprobs, old_stats)
         div, extra = values[0], dist.pool(sums=divergence_metrics(values, mask))
+    token_reward = -div if dense_reward(cfg) and div is not None else None
+    norm, norm_metrics = running_step(norm, a.norm_decay, teacher.logprobs, old_lp, mask, a.reward_clamp, reduce,
+                                      token_reward) if a.norm_stats == "running" else (None, {})
     adv, metrics = compute_advantages(a.advantage, teacher_logprobs=teacher.logprobs, student_logprobs=old_lp,
                                       response_mask=mask, clamp=a.reward_clamp, scope=a.scope, reduce=reduce,
-                                      group_ids=rollouts.prompt_index,
-                                      token_reward=-div if dense_reward(cfg) and div is not None else None)
-    return adv, {**metrics, **extra}, div
+                                      group_ids=rollouts.prompt_index, token_reward=token_reward, moments=norm)
+    return adv, {**metrics, **extra, **norm_metrics}, div, norm
 
 
 def backward_micro_batches(cfg: RunConfig, model, rollouts: Rollouts, encoded: Sequence[dict], seq: torch.Tensor,
@@ -319,7 +324,7 @@ def train(cfg: RunConfig, *, dist: DistContext = LOCAL,
     sampler = PromptSampler(len(records), t_cfg.prompts_per_step, seed=t_cfg.seed, shuffle=cfg.data.shuffle)
     minibatch_gen = torch.Generator().manual_seed(t_cfg.seed)
 
-    start_step, last_record = 0, None
+    start_step, last_record, norm = 0, None, None  # norm: running reward statistics (algorithm.norm_stats=running)
     if resume_from is not None:
         state = ckpt.load_checkpoint(resume_from, model=saved, optimizer=optimizer, scheduler=scheduler)
         rollout.weights_changed()
@@ -327,6 +332,7 @@ def train(cfg: RunConfig, *, dist: DistContext = LOCAL,
         sampler.load_state_dict(state["sampler"])
         minibatch_gen.set_state(state["minibatch_generator"])
         last_record = state.get("metrics")  # the checkpoint's own step line, should the kill have cut it
+        norm = Moments(*state["norm_moments"]) if state.get("norm_moments") else None
         log.info("resumed from %s at step %d", resume_from, start_step)
 
     loggers = build_loggers(t_cfg.output_dir, tensorboard=cfg.logging.tensorboard, wandb=cfg.logging.wandb,
@@ -379,10 +385,11 @@ def train(cfg: RunConfig, *, dist: DistContext = LOCAL,
             skip = dist.pool(maxima={"bad": float(any(bad.values()))})["bad"]
             advantages, adv_metrics, div = torch.zeros(rollouts.response_mask.shape), {"reward_mean": math.nan}, None
             if not skip:
-                advantages, adv_metrics, div = compute_step_advantages(cfg, rollouts, old_lp, scores, outcome, dist,
-                                                                       old_stats)
+                advantages, adv_metrics, div, new_norm = compute_step_advantages(cfg, rollouts, old_lp, scores, outcome,
+                                                                                 dist, old_stats, norm)
                 bad.update(nonfinite_counts(rollouts.response_mask, old_lp, teacher_lp, advantages))
                 skip = dist.pool(maxima={"bad": float(any(bad.values()))})["bad"]
+                norm = norm if skip else new_norm  # a skipped step leaves the running statistics as they were
             t_adv = time.perf_counter()
             if skip:
                 upd = {"loss": math.nan, "grad_norm": math.nan, "grad_norm_max": math.nan, "entropy": math.nan,
@@ -415,6 +422,7 @@ def train(cfg: RunConfig, *, dist: DistContext = LOCAL,
                                      processor=processor, config=to_dict(cfg), keep_last=cfg.checkpoint.keep_last,
                                      state={"step": done, "sampler": sampler.state_dict(), "metrics": dict(metrics),
                                             "minibatch_generator": minibatch_gen.get_state(),
+                                            "norm_moments": tuple(norm) if norm else None,
                                             "source_dtype": student.source_dtype}, dist=dist)
             t_end = time.perf_counter()
             metrics["time/checkpoint"] = t_end - t_update

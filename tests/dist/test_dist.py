@@ -20,10 +20,12 @@ from gndpo.train import train
 pytestmark = pytest.mark.slow
 HERE = Path(__file__).resolve().parent
 METHODS = ("gndpo", "opd", "gspo")
-# dense (top-k) distillation, one setting of each mode: (name, overrides)
+# dense (top-k) distillation, one setting of each mode, and running reward statistics (algorithm.norm_stats=running,
+# whose batch moments are pooled over the ranks before they join the running state): (name, overrides)
 DENSE = {"dense-loss": ["algorithm.distill=topk", "algorithm.topk=5", "algorithm.divergence=forward_kl"],
          "dense-reward": ["algorithm.distill=topk", "algorithm.topk=5", "algorithm.dense_mode=reward"]}
-RUNS = [(kind, method) for kind in ("text", "vlm") for method in METHODS] + [("text", name) for name in DENSE]
+VARIANTS = {**DENSE, "gndpo-running": ["algorithm.norm_stats=running", "algorithm.norm_decay=0.5"]}
+RUNS = [(kind, method) for kind in ("text", "vlm") for method in METHODS] + [("text", name) for name in VARIANTS]
 
 
 def free_port() -> int:
@@ -48,8 +50,8 @@ def overrides(kind, family_dir, lab_pair, out, *, method, steps=3, extra=()):
     else:
         paths = lab_pair
         data = [f"data.train={family_dir / 'lab' / 'train.jsonl'}"]
-    if method in DENSE:
-        method, extra = "gndpo", [*DENSE[method], *extra]
+    if method in VARIANTS:
+        method, extra = "gndpo", [*VARIANTS[method], *extra]
     return [f"model.path={paths[0]}", f"teacher.path={paths[1]}", *data, f"algorithm.method={method}",
             "rollout.n=4", "rollout.max_new_tokens=10", "trainer.prompts_per_step=4", "trainer.micro_batch_size=4",
             f"trainer.total_steps={steps}", "trainer.device=cpu", f"trainer.output_dir={out}", "optim.lr=1e-4",
@@ -111,9 +113,13 @@ def test_two_ranks_train_as_one_process(two_ranks, family_dir, lab_pair, kind, m
         keys = ["loss", "grad_norm", "entropy", "reward_mean", "reward_std", "accuracy", "response_length"]
         if method in DENSE:
             keys += ["distill/divergence", "distill/teacher_tail", "distill/student_tail"]
+        if method == "gndpo-running":
+            keys += ["norm/batch_std", "norm/running_mean", "norm/running_std", "norm/running_count"]
         for key in keys:
             assert math.isclose(a[key], b[key], rel_tol=1e-4, abs_tol=1e-6), (key, a[key], b[key])
         assert a["grad_norm"] > 0
+    if method == "gndpo-running":  # the running state holds every rank's tokens: both halves of the batch
+        assert two[1]["norm/running_count"] == 0.5 * two[0]["num_tokens"] + two[1]["num_tokens"]
     # advantages: rank r holds the responses of its half of the prompts; each equals the single process's
     for step, rec in enumerate(refs[kind, method], start=1):
         ids = [rec.rollouts.records[int(i)].id for i in rec.rollouts.prompt_index]

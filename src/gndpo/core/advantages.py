@@ -22,7 +22,8 @@ How this module departs from the official verl code:
 - NaN at a response position, a non-finite reward with the clamp off, and a batch with fewer than
   2 valid tokens raise ``ValueError`` instead of silently producing NaN.
 - Extensions, each off under the paper preset: ``clamp=None``; ``scope`` = ``group`` (tokens of all
-  samples of one prompt) or ``sequence`` (tokens of one response) instead of ``batch``. Groups and
+  samples of one prompt) or ``sequence`` (tokens of one response) instead of ``batch``; ``moments``:
+  batch-scope statistics given by the caller (running statistics over steps, ``normstats.py``). Groups and
   sequences are assumed to live whole on one rank: only the batch scope's statistics go through
   ``reduce`` (metrics always do).
 - GRPO: a group of one sample keeps its raw reward (mean 0, std 1), as verl does.
@@ -34,7 +35,7 @@ all-reduced tensor; None means a single process.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -92,7 +93,7 @@ def masked_moments(
     return stats[0], stats[1], stats[2]
 
 
-def _verl_mean_var(s: torch.Tensor, ss: torch.Tensor, n: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def moments_mean_var(s: torch.Tensor, ss: torch.Tensor, n: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """verl's masked_mean and unbiased masked_var from moments (elementwise; needs n >= 2)."""
     mean = s / (n + _MEAN_EPS)
     centered_sq = (ss - 2.0 * mean * s + n * mean * mean).clamp_min(0.0)  # sum((x - mean)^2)
@@ -214,9 +215,29 @@ def _segment_normalize(
 
     s, ss, n = per_segment(rm.sum(-1)), per_segment((rm * r64).sum(-1)), per_segment(m.sum(-1))  # (S,) each
     enough = n >= 2  # (S,)
-    mean, var = _verl_mean_var(s, ss, torch.where(enough, n, 2.0))  # (S,), (S,)
+    mean, var = moments_mean_var(s, ss, torch.where(enough, n, 2.0))  # (S,), (S,)
     scale = torch.where(enough, torch.rsqrt(var + eps), 0.0)  # (S,)
     return (r64 - mean[segment, None]) * scale[segment, None] * m  # (B, L)
+
+
+def distillation_signal(
+    teacher_logprobs: torch.Tensor,
+    student_logprobs: torch.Tensor,
+    response_mask: torch.Tensor,
+    clamp: float | None = 5.0,
+    token_reward: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(signal, reward), float64 (B, L), detached, 0 at padding: the log-ratio (or ``token_reward``, which replaces
+    it) and its clamp, the reward that the distillation estimators normalize."""
+    _check_shapes(teacher_logprobs=teacher_logprobs, student_logprobs=student_logprobs, response_mask=response_mask)
+    valid = response_mask.bool()  # (B, L)
+    if token_reward is None:
+        log_ratio = _log_ratio(teacher_logprobs.detach(), student_logprobs.detach(), valid).double()  # (B, L)
+    else:  # another per-token signal (a negative top-k divergence), clamped and normalized the same way
+        _check_shapes(token_reward=token_reward, response_mask=response_mask)
+        _check_no_nan("token_reward", token_reward, valid)
+        log_ratio = torch.where(valid, token_reward.detach(), 0.0).double()  # (B, L)
+    return log_ratio, _clamp_reward(log_ratio, valid, clamp)
 
 
 def _distillation_advantages(
@@ -229,30 +250,30 @@ def _distillation_advantages(
     group_ids: torch.Tensor | None,
     reduce: Reduce | None,
     token_reward: torch.Tensor | None = None,
+    moments: Sequence[float] | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    _check_shapes(teacher_logprobs=teacher_logprobs, student_logprobs=student_logprobs, response_mask=response_mask)
     if scope not in SCOPES:
         raise ValueError(f"unknown normalization scope {scope!r}; valid scopes: {', '.join(SCOPES)}")
+    if moments is not None and scope != "batch":
+        raise ValueError(f"given moments (running statistics) apply to scope='batch' only, not {scope!r}: per-group "
+                         "or per-sequence statistics have nothing to carry over from earlier steps")
     valid = response_mask.bool()  # (B, L)
     out_dtype = torch.promote_types(student_logprobs.dtype, torch.float32)
-    if token_reward is None:
-        log_ratio = _log_ratio(teacher_logprobs.detach(), student_logprobs.detach(), valid).double()  # (B, L)
-    else:  # another per-token signal (a negative top-k divergence), clamped and normalized the same way
-        _check_shapes(token_reward=token_reward, response_mask=response_mask)
-        _check_no_nan("token_reward", token_reward, valid)
-        log_ratio = torch.where(valid, token_reward.detach(), 0.0).double()  # (B, L)
-    r64 = _clamp_reward(log_ratio, valid, clamp)  # (B, L)
+    log_ratio, r64 = distillation_signal(teacher_logprobs, student_logprobs, response_mask, clamp, token_reward)
     m = valid.double()  # (B, L)
 
     if scope == "none":
         adv = r64 * m  # (B, L)
     elif scope == "batch":
-        s, ss, n = masked_moments(r64, valid, reduce)
+        if moments is None:
+            s, ss, n = masked_moments(r64, valid, reduce)
+        else:  # running statistics (normstats.py): the caller joined this batch's moments with earlier steps'
+            s, ss, n = (torch.tensor(float(v), dtype=torch.float64, device=r64.device) for v in moments)
         if n < 2:
             raise ValueError(
                 f"batch-normalized advantages need at least 2 valid response tokens in the batch, got {int(n)}"
             )
-        mean, var = _verl_mean_var(s, ss, n)
+        mean, var = moments_mean_var(s, ss, n)
         adv = (r64 - mean) * torch.rsqrt(var + eps) * m  # (B, L)
     else:
         if scope == "sequence":
@@ -285,13 +306,16 @@ def gndpo_advantages(
     group_ids: torch.Tensor | None = None,
     reduce: Reduce | None = None,
     token_reward: torch.Tensor | None = None,
+    moments: Sequence[float] | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """GNDPO: clamped log-ratio z-scored over every valid token of the batch (``scope``). Detached.
 
     ``token_reward`` (B, L): a per-token signal that replaces the log-ratio (gndpo's dense mode passes the
-    negative top-k divergence), clamped and normalized the same way; the log-probs are then only checked."""
+    negative top-k divergence), clamped and normalized the same way; the log-probs are then only checked.
+    ``moments`` (sum, sum of squares, count), scope batch only: normalize with these statistics instead of the
+    batch's own (running statistics, ``normstats.py``); None = the paper."""
     return _distillation_advantages(
-        teacher_logprobs, student_logprobs, response_mask, clamp, eps, scope, group_ids, reduce, token_reward
+        teacher_logprobs, student_logprobs, response_mask, clamp, eps, scope, group_ids, reduce, token_reward, moments
     )
 
 
@@ -307,13 +331,14 @@ def opd_advantages(
     group_ids: torch.Tensor | None = None,
     reduce: Reduce | None = None,
     token_reward: torch.Tensor | None = None,
+    moments: Sequence[float] | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """On-policy distillation: the clamped log-ratio itself (scope ``none``). Detached.
 
     Same options as ``gndpo``; ``opd`` with ``scope="batch"`` equals ``gndpo``.
     """
     return _distillation_advantages(
-        teacher_logprobs, student_logprobs, response_mask, clamp, eps, scope, group_ids, reduce, token_reward
+        teacher_logprobs, student_logprobs, response_mask, clamp, eps, scope, group_ids, reduce, token_reward, moments
     )
 
 
