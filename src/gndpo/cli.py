@@ -435,16 +435,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("lab", help="the offline lab: GSPO vs OPD vs GNDPO on a synthetic multimodal task")
     p.add_argument("action", nargs="?", default="run", choices=("run", "bootstrap"),
                    help="run (default): the comparison; bootstrap: retrain the shipped teacher/student")
-    p.add_argument("--out", default="lab_out", help="output directory")
+    p.add_argument("--out", default=None, help="output directory (default: lab_out; lab_out/long, "
+                   "lab_out/small-batch for those settings)")
     p.add_argument("--seeds", type=int, default=None, help="seeds per method")
     p.add_argument("--steps", type=int, default=None, help="training steps per run")
-    p.add_argument("--methods", nargs="+", default=None, help="subset of gspo opd gndpo (with --dense also "
-                   "fkl-topk-loss rkl-topk-loss rkl-topk-gndpo)")
+    p.add_argument("--methods", nargs="+", default=None, help="subset of gspo opd gndpo, gndpo-running (GNDPO with "
+                   "algorithm.norm_stats=running), and with --dense fkl-topk-loss rkl-topk-loss rkl-topk-gndpo")
     p.add_argument("--quick", action="store_true", help="smoke version (CI): few steps, small eval")
     p.add_argument("--stress", action="store_true", help="also run the stress setting (OPD vs GNDPO at high temperature)")
     p.add_argument("--dense", action="store_true", help="dense (top-k) distillation: forward and reverse KL over the "
                    "teacher's top-8 as losses and reverse KL as a GNDPO-normalized reward, beside OPD and GNDPO "
                    "(in the stress setting too with --stress)")
+    p.add_argument("--long", action="store_true", help="the horizon: 240 steps, each run evaluated at steps 60, 120, "
+                   "180 and 240 (a table and accuracy_steps.png); about an hour on 2 cores")
+    p.add_argument("--small-batch", action="store_true", help="4 prompts x 4 samples per step (same 60 steps): OPD vs "
+                   "GNDPO with batch vs running statistics, normal and stress; ~12 min on 2 cores")
+    p.add_argument("--eval-every", type=int, default=None, metavar="N", help="also evaluate every N-th step's "
+                   "checkpoint of each run (default: the last step only; 60 with --long)")
     p.add_argument("--jobs", type=int, default=None, metavar="N", help="worker processes for the runs and "
                    "evaluations, one torch thread each (default: one per CPU core); 1 = in sequence, in this process")
     p.add_argument("--seed", type=int, default=0, help="bootstrap: task/model seed")

@@ -4,9 +4,15 @@
 2. greedy test accuracy of the shipped base student and teacher;
 3. train the student with GSPO, OPD and GNDPO (``configs/lab/*.yaml`` through the normal trainer), per seed;
 4. greedy test accuracy of every trained student;
-5. ``results.md`` (Table-1 style accuracy + stability columns), ``results.json``, ``dynamics.png`` and, with
-   ``--stress``, ``inspect_stress.html`` (``gndpo inspect`` of the seed-0 stress runs)
-   (Figure-2 panels), and each run's metrics and final checkpoint under ``runs/``.
+5. ``results.md`` (Table-1 style accuracy + stability columns), ``results.json``, ``dynamics.png`` (Figure-2
+   panels), with ``--stress`` ``inspect_stress.html`` (``gndpo inspect`` of the seed-0 stress runs), with
+   ``--eval-every`` ``accuracy_steps.png`` and a table of accuracy against steps, and each run's metrics and
+   checkpoints under ``runs/``.
+
+Settings beyond the default (docs/LAB.md records each): ``--long`` = 240 steps with the students evaluated at
+steps 60, 120, 180 and 240 of the same runs (accuracy against the horizon); ``--small-batch`` =
+4 prompts x 4 samples per step instead of 32 x 8, same number of steps (60), OPD vs GNDPO with batch statistics
+(the paper) vs GNDPO with running statistics (``algorithm.norm_stats=running``), normal and stress.
 
 Steps 2-4 are independent tasks (two evaluations, one task per (method, seed) run: train, then evaluate). With
 ``jobs`` > 1 they run in that many spawned worker processes on one torch thread each; one thread is as fast as
@@ -20,11 +26,12 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import statistics
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 from typing import Callable
@@ -34,9 +41,10 @@ from gndpo.errors import GndpoError
 
 log = logging.getLogger("gndpo")
 
-METHODS = ("gspo", "opd", "gndpo")
-# Dense (top-k) distillation settings `gndpo lab --dense` runs beside OPD and GNDPO: name -> (recipe, overrides).
-# K = 8 of the lab's ~100-token vocabulary.
+METHODS = ("gspo", "opd", "gndpo")  # the default comparison, the paper's three
+# Further lab methods, each a recipe of METHODS plus overrides: name -> (recipe, overrides).
+# Dense (top-k) distillation settings `gndpo lab --dense` runs beside OPD and GNDPO; K = 8 of the lab's ~100-token
+# vocabulary.
 DENSE = {
     "fkl-topk-loss": ("gndpo", ("algorithm.distill=topk", "algorithm.topk=8", "algorithm.divergence=forward_kl",
                                 "algorithm.dense_mode=loss")),
@@ -45,7 +53,13 @@ DENSE = {
     "rkl-topk-gndpo": ("gndpo", ("algorithm.distill=topk", "algorithm.topk=8", "algorithm.divergence=reverse_kl",
                                  "algorithm.dense_mode=reward")),
 }
+# GNDPO with running reward statistics (`gndpo lab --small-batch`)
+VARIANTS = {**DENSE, "gndpo-running": ("gndpo", ("algorithm.norm_stats=running",))}
 SPIKE_FACTOR = 3.0
+LONG_STEPS, LONG_EVAL_EVERY = 240, 60
+# 4 prompts x 4 samples per step (16 responses, 300-400 response tokens, instead of 32 x 8); micro-batches tile it
+SMALL_BATCH = ("trainer.prompts_per_step=4", "rollout.n=4", "trainer.micro_batch_size=16")
+SMALL_BATCH_METHODS = ("opd", "gndpo", "gndpo-running")
 
 Report = Callable[..., None]  # report(kind, *payload): "phase" name what | "step" name n | "end" name | "log" level msg
 
@@ -59,7 +73,9 @@ class LabPlan:
     methods: tuple[str, ...]
     stress: bool
     stress_overrides: tuple[str, ...] = ("rollout.temperature=1.6",)
-    dense: bool = False  # also the DENSE settings (and, with stress, in the stress setting too)
+    eval_every: int = 0  # also evaluate the checkpoints of every N-th step (0: the final one only)
+    overrides: tuple[str, ...] = ()  # applied to every run (--small-batch)
+    setting: str = "default"  # default, or those of dense, long, small-batch it ran: what results.md says
 
 
 @dataclass(frozen=True)
@@ -74,16 +90,29 @@ class LabTask:
 def plan_from_args(args) -> LabPlan:
     quick = bool(getattr(args, "quick", False))
     dense = bool(getattr(args, "dense", False))
-    methods = tuple(args.methods or (("opd", "gndpo", *DENSE) if dense else METHODS))
-    bad = [m for m in methods if m not in METHODS and m not in DENSE]
+    long, small = bool(getattr(args, "long", False)), bool(getattr(args, "small_batch", False))
+    methods = tuple(args.methods or (("opd", "gndpo", *DENSE) if dense else SMALL_BATCH_METHODS if small else METHODS))
+    bad = [m for m in methods if m not in METHODS and m not in VARIANTS]
     if bad:
-        raise GndpoError(f"unknown lab method {bad[0]!r}; choose from: {', '.join((*METHODS, *DENSE))}")
+        raise GndpoError(f"unknown lab method {bad[0]!r}; choose from: {', '.join((*METHODS, *VARIANTS))}")
     seeds = args.seeds if args.seeds is not None else (1 if quick else 3)
-    steps = args.steps if args.steps is not None else (3 if quick else None)
+    steps = args.steps if args.steps is not None else (3 if quick else LONG_STEPS if long else None)
+    eval_every = getattr(args, "eval_every", None)
+    eval_every = eval_every if eval_every is not None else (LONG_EVAL_EVERY if long else 0)
     if seeds < 1 or (steps is not None and steps < 1):
         raise GndpoError("--seeds and --steps must be >= 1")
+    if eval_every < 0:
+        raise GndpoError(f"--eval-every must be >= 0 (got {eval_every}); 0 evaluates the final checkpoint only")
+    setting = ", ".join(name for name, on in (("dense", dense), ("long", long), ("small-batch", small)) if on) \
+        or "default"
     return LabPlan(seeds=seeds, steps=steps or 0, n_train=2000 if quick else 8000, n_test=64 if quick else 1000,
-                   methods=methods, stress=bool(getattr(args, "stress", False)), dense=dense)
+                   methods=methods, stress=bool(getattr(args, "stress", False)) or small, eval_every=eval_every,
+                   overrides=SMALL_BATCH if small else (), setting=setting)
+
+
+def eval_steps(total_steps: int, every: int) -> list[int]:
+    """The steps whose checkpoints a run evaluates: every ``every``-th and the last."""
+    return sorted({*(range(every, total_steps + 1, every) if every else ()), total_steps})
 
 
 def resolve_jobs(jobs: int | None, n_tasks: int) -> int:
@@ -121,15 +150,17 @@ def run_config(method: str, seed: int, plan: LabPlan, data_dir: Path, runs_dir: 
                tag: str = "") -> RunConfig:
     from gndpo.config import load_config
 
+    recipe, variant = VARIANTS.get(method, (method, ()))
     name = f"{method}{tag}-seed{seed}"
-    recipe, dense = DENSE.get(method, (method, ()))
     overrides = [f"model.path={assets_dir() / 'student'}", f"teacher.path={assets_dir() / 'teacher'}",
                  f"data.train={data_dir / 'train.jsonl'}", f"trainer.output_dir={runs_dir / name}",
                  f"trainer.seed={seed}", f"logging.run_name={method}{tag}",
                  "logging.progress=false",  # the lab draws one bar for all its runs
-                 *dense, *extra]
+                 *variant, *plan.overrides, *extra]
     if plan.steps:
         overrides.append(f"trainer.total_steps={plan.steps}")
+    if plan.eval_every:  # the intermediate checkpoints that the evaluation reads, all kept
+        overrides += [f"checkpoint.every={plan.eval_every}", "checkpoint.keep_last=null"]
     cfg = load_config(config_path(recipe), overrides)
     cfg.logging.rollouts_every = max(1, cfg.trainer.total_steps // 10)  # ten saved steps for gndpo inspect
     return cfg
@@ -138,9 +169,9 @@ def run_config(method: str, seed: int, plan: LabPlan, data_dir: Path, runs_dir: 
 def lab_tasks(plan: LabPlan, data_dir: Path, runs_dir: Path) -> list[LabTask]:
     """The runs in table order, then the evaluations of the shipped student and teacher."""
     runs = [(m, s, (), "") for m in plan.methods for s in range(plan.seeds)]
-    if plan.stress:
-        stressed = ("opd", "gndpo", *(m for m in plan.methods if m in DENSE)) if plan.dense else ("opd", "gndpo")
-        runs += [(m, s, plan.stress_overrides, "-stress") for m in stressed for s in range(plan.seeds)]
+    if plan.stress:  # the plan's distillation methods: sampling hot stresses the teacher-student log-ratio
+        runs += [(m, s, plan.stress_overrides, "-stress") for m in plan.methods if m != "gspo"
+                 for s in range(plan.seeds)]
     tasks = [LabTask(f"{m}{tag}-seed{s}", run_config(m, s, plan, data_dir, runs_dir, extra, tag))
              for m, s, extra, tag in runs]
     return tasks + [LabTask("student"), LabTask("teacher")]
@@ -159,8 +190,19 @@ def evaluate(model_dir: Path, data_dir: Path) -> float:
                            progress=False)["accuracy"]
 
 
-def run_one(task: LabTask, data_dir: Path, report: Report) -> dict:
-    """Train ``task.cfg`` from scratch, then evaluate its final checkpoint."""
+def norm_jitter(rows: list[dict]) -> float | None:
+    """How much the std that normalized the rewards moves from one step to the next: mean |log(s_t / s_t-1)|
+    (running statistics' when the run kept them, else the batch's own); None for runs that do not normalize."""
+    key = "norm/running_std" if "norm/running_std" in rows[0] else "reward_std"
+    stds = [r.get(key, 0.0) for r in rows]
+    logs = [math.log(s) for s in stds if s > 0 and math.isfinite(s)]
+    if len(logs) < 2:
+        return None
+    return statistics.fmean(abs(b - a) for a, b in zip(logs, logs[1:]))
+
+
+def run_one(task: LabTask, data_dir: Path, report: Report, eval_every: int = 0) -> dict:
+    """Train ``task.cfg`` from scratch, then evaluate its final checkpoint (and every ``eval_every``-th)."""
     from gndpo.report.loggers import read_metrics
     from gndpo.train import train
 
@@ -175,23 +217,26 @@ def run_one(task: LabTask, data_dir: Path, report: Report) -> dict:
     train(cfg, callbacks=[lambda record: report("step", task.name, record.step)])
     train_s = time.perf_counter() - start
     report("phase", task.name, "eval")
-    acc = evaluate(sorted((out / "checkpoints").glob("step-*"))[-1], data_dir)
+    at = {step: evaluate(out / "checkpoints" / f"step-{step:06d}", data_dir)
+          for step in eval_steps(cfg.trainer.total_steps, eval_every)}
     rows = read_metrics(out)
     gn = [r["grad_norm"] for r in rows]
     loss = [r["loss"] for r in rows]
-    return {"method": cfg.logging.run_name, "seed": cfg.trainer.seed, "accuracy": acc, "grad_norm_max": max(gn),
-            "spikes": spikes(gn), "loss_std": statistics.pstdev(loss) if len(loss) > 1 else 0.0,
-            "train_seconds": train_s, "run_dir": str(out)}
+    normalizes = cfg.algorithm.scope == "batch"  # the reward z-scored over the batch (gndpo): its std's jitter
+    return {"method": cfg.logging.run_name, "seed": cfg.trainer.seed, "accuracy": at[cfg.trainer.total_steps],
+            "accuracy_at": at, "grad_norm_max": max(gn), "spikes": spikes(gn),
+            "loss_std": statistics.pstdev(loss) if len(loss) > 1 else 0.0,
+            "norm_jitter": norm_jitter(rows) if normalizes else None, "train_seconds": train_s, "run_dir": str(out)}
 
 
-def run_task(task: LabTask, data_dir: Path, report: Report) -> dict:
+def run_task(task: LabTask, data_dir: Path, report: Report, eval_every: int = 0) -> dict:
     """The task's result, or ``{"error": one line, "traceback": text}``: failures travel back as data, since
     an arbitrary exception may not survive pickling out of a worker."""
     try:
         if task.cfg is None:
             report("phase", task.name, "eval")
             return {"accuracy": evaluate(assets_dir() / task.name, data_dir)}
-        return run_one(task, data_dir, report)
+        return run_one(task, data_dir, report, eval_every)
     except Exception as exc:  # noqa: BLE001 - every failure becomes the lab's one error line
         first = next(iter(str(exc).strip().splitlines()), "")
         if not isinstance(exc, GndpoError):  # a user mistake speaks for itself; anything else names its type
@@ -246,8 +291,8 @@ def _worker_report(*event) -> None:
     _EVENTS.put(event)
 
 
-def _worker_task(task: LabTask, data_dir: Path) -> dict:
-    return run_task(task, data_dir, _worker_report)
+def _worker_task(task: LabTask, data_dir: Path, eval_every: int) -> dict:
+    return run_task(task, data_dir, _worker_report, eval_every)
 
 
 def _terminate(pool) -> None:
@@ -276,7 +321,7 @@ def _drain(events, display: "Progress") -> None:
 
 
 def run_parallel(tasks: list[LabTask], data_dir: Path, out_dir: Path, jobs: int,
-                 display: "Progress") -> dict[str, dict]:
+                 display: "Progress", eval_every: int = 0) -> dict[str, dict]:
     """Every task's outcome by name, from ``jobs`` worker processes; the first failure stops them all."""
     import multiprocessing
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -287,7 +332,8 @@ def run_parallel(tasks: list[LabTask], data_dir: Path, out_dir: Path, jobs: int,
     pool = ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_init_worker, initargs=(events,))
     outcomes: dict[str, dict] = {}
     try:
-        pending = {pool.submit(_worker_task, task, data_dir): task for task in sorted(tasks, key=_schedule_rank)}
+        pending = {pool.submit(_worker_task, task, data_dir, eval_every): task
+                   for task in sorted(tasks, key=_schedule_rank)}
         while pending:
             done, _ = wait(pending, timeout=0.25, return_when=FIRST_COMPLETED)
             _drain(events, display)
@@ -306,13 +352,14 @@ def run_parallel(tasks: list[LabTask], data_dir: Path, out_dir: Path, jobs: int,
     return outcomes
 
 
-def run_sequential(tasks: list[LabTask], data_dir: Path, out_dir: Path, display: "Progress") -> dict[str, dict]:
+def run_sequential(tasks: list[LabTask], data_dir: Path, out_dir: Path, display: "Progress",
+                   eval_every: int = 0) -> dict[str, dict]:
     import torch
 
     torch.set_num_threads(1)  # as in a worker; the training configs set trainer.threads=1 as well
     outcomes = {}
     for task in tasks:
-        outcomes[task.name] = checked(task, run_task(task, data_dir, display), out_dir)
+        outcomes[task.name] = checked(task, run_task(task, data_dir, display, eval_every), out_dir)
         display.finished(task, outcomes[task.name])
     return outcomes
 
@@ -371,32 +418,80 @@ def summarize(base_acc: float, teacher_acc: float, runs: list[dict]) -> list[dic
     for method in dict.fromkeys(r["method"] for r in runs):
         rs = [r for r in runs if r["method"] == method]
         acc_m, acc_s = _mean_std([r["accuracy"] for r in rs])
+        jitter = [r["norm_jitter"] for r in rs if r.get("norm_jitter") is not None]
+        steps = sorted({int(step) for r in rs for step in r.get("accuracy_at", {})})
         table.append({"method": method, "acc_mean": acc_m, "acc_std": acc_s, "n": len(rs),
-                      "delta": acc_m - base_acc,
+                      "acc_seeds": [r["accuracy"] for r in rs], "delta": acc_m - base_acc,
                       "grad_norm_max": _mean_std([r["grad_norm_max"] for r in rs])[0],
                       "spikes": _mean_std([r["spikes"] for r in rs])[0],
-                      "loss_std": _mean_std([r["loss_std"] for r in rs])[0]})
+                      "loss_std": _mean_std([r["loss_std"] for r in rs])[0],
+                      "norm_jitter": _mean_std(jitter)[0] if jitter else None,
+                      "acc_at": {step: _mean_std([_at(r, step) for r in rs if _at(r, step) is not None])
+                                 for step in steps}})
     return table
 
 
+def _at(run: dict, step: int) -> float | None:
+    """A run's accuracy at ``step`` (JSON keys are strings once results.json is read back)."""
+    at = run.get("accuracy_at", {})
+    return at.get(step, at.get(str(step)))
+
+
 def render_markdown(table: list[dict], plan: LabPlan, wall_s: float, n_test: int, jobs: int = 1) -> str:
+    runs = [row for row in table if "delta" in row]
+    jitter = any(row.get("norm_jitter") is not None for row in runs)
+    changed = f"; every run with {' '.join(plan.overrides)}" if plan.overrides else ""
     lines = [
         "# gndpo lab results", "",
+        f"Setting: {plan.setting} ({plan.steps} steps{changed}). "
         f"Greedy test accuracy on {n_test} held-out items of the synthetic task (mean ± std over {plan.seeds} "
         f"seed(s)); stability columns averaged over seeds. A grad-norm spike is a step whose pre-clip norm "
         f"exceeds {SPIKE_FACTOR:g}x its run's median. Wall time {wall_s / 60:.1f} min "
         f"({jobs} worker process{'es' if jobs > 1 else ''}).", "",
-        "| method | accuracy (%) | Δ vs base | max grad-norm | grad-norm spikes | loss std |",
-        "|---|---|---|---|---|---|",
+        "| method | accuracy (%) | Δ vs base | max grad-norm | grad-norm spikes | loss std |"
+        + (" normalizer jitter |" if jitter else ""),
+        "|---|---|---|---|---|---|" + ("---|" if jitter else ""),
     ]
     for row in table:
         if "delta" not in row:
-            lines.append(f"| {row['method']} | {100 * row['acc_mean']:.1f} | | | | |")
+            lines.append(f"| {row['method']} | {100 * row['acc_mean']:.1f} | | | | |" + (" |" if jitter else ""))
             continue
-        lines.append(f"| {row['method']} | {100 * row['acc_mean']:.1f} ± {100 * row['acc_std']:.1f} | "
-                     f"{100 * row['delta']:+.1f} | {row['grad_norm_max']:.3f} | {row['spikes']:.1f} | "
-                     f"{row['loss_std']:.4f} |")
+        line = (f"| {row['method']} | {100 * row['acc_mean']:.1f} ± {100 * row['acc_std']:.1f} | "
+                f"{100 * row['delta']:+.1f} | {row['grad_norm_max']:.3f} | {row['spikes']:.1f} | "
+                f"{row['loss_std']:.4f} |")
+        if jitter:
+            line += f" {row['norm_jitter']:.4f} |" if row.get("norm_jitter") is not None else " |"
+        lines.append(line)
+    if plan.seeds > 1:
+        lines += ["", "Per seed (accuracy %): " + "; ".join(
+            f"{row['method']} {' / '.join(f'{100 * a:.1f}' for a in row['acc_seeds'])}" for row in runs) + "."]
+    if jitter:
+        lines += ["", "Normalizer jitter: the mean |log(s_t / s_t-1)| over steps of the std s_t that z-scored the "
+                      "rewards (the batch's own, or the running one with algorithm.norm_stats=running); empty for "
+                      "methods that do not normalize."]
+    steps = sorted({step for row in runs for step in row.get("acc_at", {})})
+    if plan.eval_every and steps:
+        base = table[0]["acc_mean"]
+        lines += ["", "Greedy test accuracy (%) against training steps, evaluated on the checkpoints of the same "
+                      "runs (mean ± std over seeds; step 0 is the base student):", "",
+                  "| method | " + " | ".join(f"step {s}" for s in [0, *steps]) + " |",
+                  "|---|" + "---|" * (len(steps) + 1)]
+        for row in runs:
+            cells = [f"{100 * row['acc_at'][s][0]:.1f} ± {100 * row['acc_at'][s][1]:.1f}" if s in row["acc_at"]
+                     else "" for s in steps]
+            lines.append(f"| {row['method']} | {100 * base:.1f} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def plot_accuracy_steps(base_acc: float, runs: list[dict], out_path: Path) -> Path:
+    """Greedy test accuracy against steps, one line per method (mean over seeds, min-max band)."""
+    from gndpo.report.plot import plot_dynamics
+
+    key = "greedy test accuracy (%)"
+    series = [(r["method"], [{"step": 0, key: 100 * base_acc}] +
+               [{"step": int(step), key: 100 * acc} for step, acc in sorted(
+                   r["accuracy_at"].items(), key=lambda item: int(item[0]))]) for r in runs]
+    return plot_dynamics(series, out_path, keys=(key,), aggregate_seeds=True)
 
 
 def lab_main(args) -> int:
@@ -419,21 +514,22 @@ def lab_main(args) -> int:
         raise GndpoError(f"--jobs must be >= 1 (got {jobs}); 1 runs every task in sequence in this process")
     if not (assets_dir() / "student" / "config.json").is_file():
         raise GndpoError(f"lab checkpoints missing in {assets_dir()}; run `gndpo lab bootstrap` to create them")
-    out = Path(args.out)
+    out = Path(args.out or ("lab_out" if plan.setting == "default" else f"lab_out/{plan.setting.replace(', ', '-')}"))
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     data_dir, runs_dir = out / "data", out / "runs"
     write_task(data_dir, seed=0, n_train=plan.n_train, n_test=plan.n_test)
     tasks = lab_tasks(plan, data_dir, runs_dir)  # every config is validated before any model loads
+    plan = replace(plan, steps=plan.steps or tasks[0].cfg.trainer.total_steps)  # the recipe's, when not given
     jobs = resolve_jobs(jobs, len(tasks))
 
     display = Progress(tasks)
     try:
         with logging_redirect_tqdm():
             if jobs == 1:
-                outcomes = run_sequential(tasks, data_dir, out, display)
+                outcomes = run_sequential(tasks, data_dir, out, display, plan.eval_every)
             else:
-                outcomes = run_parallel(tasks, data_dir, out, jobs, display)
+                outcomes = run_parallel(tasks, data_dir, out, jobs, display, plan.eval_every)
     finally:
         display.close()
     runs = [outcomes[t.name] for t in tasks if t.cfg is not None]  # table order, whatever finished first
@@ -456,7 +552,10 @@ def lab_main(args) -> int:
                                                  indent=2))
     plot_run_dirs([r["run_dir"] for r in runs], out / "dynamics.png", labels=[r["method"] for r in runs],
                   aggregate_seeds=plan.seeds > 1)
+    figures = [out / "dynamics.png"]
+    if plan.eval_every:
+        figures.append(plot_accuracy_steps(base, runs, out / "accuracy_steps.png"))
     print((out / "results.md").read_text())
-    print(f"wrote {out / 'results.md'}, {out / 'dynamics.png'} and runs in {runs_dir} ({wall / 60:.1f} min, "
+    print(f"wrote {out / 'results.md'}, {', '.join(map(str, figures))} and runs in {runs_dir} ({wall / 60:.1f} min, "
           f"{jobs} worker process{'es' if jobs > 1 else ''})")
     return 0
