@@ -435,7 +435,8 @@ def rollout_stats(model, processor, rollouts, *, micro_batch_size: int, suffix: 
                   encoded: Sequence[dict] | None = None, gather: torch.Tensor | None = None,
                   topk: int = 0) -> TokenStats:
     """:func:`rollout_logprobs` with the :class:`TokenStats` a top-k divergence needs (on the CPU, (B, R, ...)):
-    ``gather`` (B, R, K) ids scored with their tail, the model's own ``topk``. Detached."""
+    ``gather`` (B, R, K) ids scored with their tail, the model's own ``topk``. The log-probs carry the graph when
+    grad is enabled (as :func:`rollout_logprobs` documents); the top-k statistics are detached."""
     device = next(model.parameters()).device
     if encoded is None:
         encoded = encode_each(processor, rollouts.records, suffix=suffix, system_prompt=system_prompt)
@@ -454,7 +455,7 @@ def rollout_stats(model, processor, rollouts, *, micro_batch_size: int, suffix: 
         stats = response_stats(model, inputs, part.response_ids.to(device), part.response_mask.to(device),
                                prompt_index=rows, temperature=temperature, chunk_size=chunk_size, topk=topk,
                                gather=None if gather is None else gather[idx, :L].to(device))
-        lp[idx, :L] = stats.logprobs.detach().float().cpu()
+        lp[idx, :L] = stats.logprobs.float().cpu()
         for out, x in ((gathered, stats.gathered), (rest, stats.rest), (top_lp, stats.topk_logprobs),
                        (top_ids, stats.topk_ids)):
             if out is not None:

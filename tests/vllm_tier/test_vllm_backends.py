@@ -423,7 +423,9 @@ def test_two_ranks_with_vllm_rollouts_train_as_one_process(two_ranks_vllm, metho
 @pytest.mark.parametrize("kind", ["text", "vlm"])
 def test_an_export_loads_in_vllm(lab_pair, vllm_dir, tmp_path, run_cfg, kind):
     """A trained run's export (float32 masters written as bfloat16) is a directory vLLM's own loader reads (LLaVA's
-    after gndpo's renaming, as gndpo eval serves it), and the engine scores as transformers does on it."""
+    after gndpo's renaming, as gndpo eval serves it), and the engine scores as transformers does on it. Both sides
+    compute in float32 on the exported bfloat16 values, so the comparison is tight: bfloat16 kernels on both sides
+    differ by 0.02-0.06 per token on some CPUs, which would hide a misread weight."""
     from gndpo.checkpoint import export_checkpoint
     from gndpo.data.loaders import load_records
     from gndpo.vllm_engine import engine_input, prompt_ids, score, shutdown, start_engine, vllm_readable
@@ -434,11 +436,15 @@ def test_an_export_loads_in_vllm(lab_pair, vllm_dir, tmp_path, run_cfg, kind):
     train(run_cfg(paths, data, tmp_path / "run", steps=1, text=text))
     out, what = export_checkpoint(tmp_path / "run", dtype="bfloat16")
     assert what.endswith("in bfloat16")
+    from safetensors import safe_open
+
+    with safe_open(str(next(out.glob("*.safetensors"))), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
     path = vllm_readable(str(out), tmp_path / "renamed")
-    llm, loaded = start_engine(path, EngineOptions(dtype="bfloat16", max_model_len=512, max_images=0 if text else 1))
+    llm, loaded = start_engine(path, EngineOptions(dtype="float32", max_model_len=512, max_images=0 if text else 1))
     try:
         assert loaded  # vLLM read the checkpoint itself: no placeholders, no push
-        exported = load_model(str(out), dtype="bfloat16")
+        exported = load_model(str(out), dtype="float32")
         records = load_records(str(data), image_key=None if text else "images")[:2]
         ids = prompt_ids(exported.processor, records, suffix=None, system_prompt=None)
         responses = [[5, 6, 7, 8], [9, 10, 11]]
@@ -450,7 +456,7 @@ def test_an_export_loads_in_vllm(lab_pair, vllm_dir, tmp_path, run_cfg, kind):
                             ("", ""), torch.zeros(2, dtype=torch.bool), torch.zeros(2, dtype=torch.long))
         theirs = trainer_lp(exported.model, exported.processor)(rollouts)
         gaps = [abs(a - float(theirs[i, j])) for i, row in enumerate(ours) for j, a in enumerate(row)]
-        assert sum(gaps) / len(gaps) < 2e-2  # bfloat16 kernels on both sides
+        assert max(gaps) < 1e-4  # float32 kernels on both sides, on the same bfloat16-rounded weights
     finally:
         shutdown(llm)
 
