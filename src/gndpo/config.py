@@ -87,7 +87,9 @@ class ModelConfig:
 
 @dataclass
 class TeacherConfig:
-    path: Optional[str] = _f(None, "Teacher: Hugging Face id or local directory; required by opd and gndpo.")
+    path: Optional[str] = _f(None, "Teacher: Hugging Face id or local directory; required by opd and gndpo. 'self': "
+                             "self-distillation, the student's own weights (teacher.self_weights) given a privileged "
+                             "context (teacher.context) the student does not see.")
     backend: str = _f("hf", "Where the teacher runs: hf = in-process Hugging Face model; vllm = in-process vLLM "
                       "engine (prompt log-probs); server = a scoring server at teacher.url (gndpo serve-teacher, or "
                       "vLLM's OpenAI server for text-only teachers).", choices=("hf", "vllm", "server"))
@@ -107,6 +109,23 @@ class TeacherConfig:
                                 "connections yet (one started beside the run, its engine still loading); 0 = fail "
                                 "at once.")
     check_compatibility: bool = _f(True, "Refuse to train unless student and teacher tokenize identically.")
+    context: Optional[str] = _f(None, "Privileged context the teacher sees and the student does not: a template over "
+                                "the record's fields, e.g. 'Reference answer: {answer}' (any text or number field of "
+                                "the dataset, by its name there; {{ and }} for literal braces). Required by "
+                                "teacher.path=self; any other teacher may take one too.")
+    context_at: str = _f("prompt", "Where teacher.context goes: prompt = on its own line before the problem, in the "
+                         "user turn (after the images); system = appended to the system prompt.",
+                         choices=("prompt", "system"))
+    self_weights: str = _f("current", "teacher.path=self: current = the student's weights at each step, scored "
+                           "without gradient (no second copy); initial = a frozen copy of the starting weights "
+                           "(model.path) in teacher.dtype, one more model in memory.", choices=("current", "initial"))
+
+
+@dataclass
+class TeacherEntry(TeacherConfig):
+    """One of several teachers (the ``teachers:`` list): a name plus every key of the ``teacher:`` section."""
+
+    name: str = _f("", "The teacher's name, which the records' data.teacher_key field gives.")
 
 
 @dataclass
@@ -123,6 +142,10 @@ class DataConfig:
     max_prompt_length: int = _f(8192, "Prompts longer than this many tokens (images included) are skipped and counted.")
     shuffle: bool = _f(True, "Reshuffle the prompts every epoch (seeded).")
     limit: Optional[int] = _f(None, "Use only the first N records.")
+    teacher_key: Optional[str] = _f(None, "With a teachers: list, the record field naming each example's teacher; a "
+                                    "record without it (or null there) goes to data.default_teacher.")
+    default_teacher: Optional[str] = _f(None, "With a teachers: list, the teacher of records whose data.teacher_key "
+                                        "field is missing or null; null = the list's first.")
     max_image_tiles: Optional[int] = _f(None, "Tiling processors (InternVL): most tiles an image is cut into, "
                                         "plus a thumbnail when it needs more than one (the image processor's "
                                         "max_patches); null = the processor's own setting (12 for InternVL3.5).")
@@ -204,6 +227,10 @@ class AlgorithmConfig:
                          "per-token loss on the student's logits, aggregated by loss_agg_mode); reward = its "
                          "negative is the per-token reward, clamped, normalized as the method's (gndpo: over the "
                          "batch, scope honoured) and the advantage of the policy loss.", choices=("loss", "reward"))
+    teacher_norm: str = _f("batch", "With a teachers: list and algorithm.advantage=gndpo: batch = z-score the rewards "
+                           "over every token of the batch, whatever teacher scored it (the paper's statistics); "
+                           "per_teacher = over each teacher's tokens separately (all ranks), so a teacher whose "
+                           "log-ratios run larger does not dominate the others'.", choices=("batch", "per_teacher"))
 
 
 @dataclass
@@ -272,6 +299,9 @@ class CheckpointConfig:
 class RunConfig:
     model: ModelConfig = _f(None, "Student model.", factory=ModelConfig)
     teacher: TeacherConfig = _f(None, "Teacher model.", factory=TeacherConfig)
+    teachers: list[TeacherEntry] = _f(None, "Several teachers, each example scored by the one its data.teacher_key "
+                                      "field names: a list of {name, path or url, backend, dtype, vllm, ...} (every "
+                                      "teacher.* key). Leave teacher.path/url unset when using it.", factory=list)
     data: DataConfig = _f(None, "Training prompts.", factory=DataConfig)
     rollout: RolloutConfig = _f(None, "Sampling.", factory=RolloutConfig)
     algorithm: AlgorithmConfig = _f(None, "Advantages and policy loss.", factory=AlgorithmConfig)
@@ -351,18 +381,25 @@ def _describe_omegaconf_error(exc) -> str:
         if key in RENAMED:
             return f"config key '{key}' was replaced by {RENAMED[key]}"
         parent = key.rsplit(".", 1)[0] if "." in key else ""
+        if getattr(exc, "object_type", None) is TeacherEntry and not key.startswith("teachers"):
+            key = key.rsplit(".", 1)[-1]  # OmegaConf names a list entry's key without its place
+            return f"unknown config key '{key}' in a teachers: entry; valid keys: {', '.join(_field_names('teachers[0]'))}"
         valid = _field_names(parent)
         hint = f"; valid keys{' under ' + parent if parent else ''}: {', '.join(valid)}" if valid else ""
         return f"unknown config key '{key}'{hint}"
     if name == "MissingMandatoryValue":
         return f"missing required config value '{key}'; set it in the YAML or as {key}=..."
     msg = _one_line(exc)
+    if "Cannot convert 'DictConfig' to string" in msg:  # `key=a: {b}` on the command line reads as a YAML mapping
+        return f"invalid value for '{key}': it reads as a YAML mapping; quote the text: {key}='\"...\"'"
     # OmegaConf puts "full_key: ..." context on separate lines; keep the first line plus the key.
     return f"invalid value for '{key}': {msg}" if key else msg
 
 
 def _field_names(dotted: str) -> list[str]:
     cls: Any = RunConfig
+    if re.match(r"teachers\[\d+\]", dotted):  # an entry of the teachers: list
+        cls, dotted = TeacherEntry, dotted.split("]", 1)[1]
     for part in [p for p in dotted.split(".") if p]:
         match = {f.name: f for f in dataclasses.fields(cls)}.get(part)
         if match is None or not dataclasses.is_dataclass(match.default_factory if match.default_factory is not dataclasses.MISSING else None):
@@ -385,8 +422,8 @@ def validate(cfg: RunConfig) -> RunConfig:
     from gndpo.core.losses import AGG_MODES, policy_loss_names
 
     # choices declared in field metadata
-    for section in dataclasses.fields(cfg):
-        sub = getattr(cfg, section.name)
+    sections = [(f.name, getattr(cfg, f.name)) for f in dataclasses.fields(cfg) if f.name != "teachers"]
+    for where, sub in sections + [(f"teachers[{i}]", e) for i, e in enumerate(cfg.teachers)]:
         for f in dataclasses.fields(sub):
             choices = f.metadata.get("choices")
             value = getattr(sub, f.name)
@@ -395,7 +432,7 @@ def validate(cfg: RunConfig) -> RunConfig:
                 setattr(sub, f.name, value)
             if choices is not None and value not in choices:
                 shown = ", ".join("null" if c is None else str(c) for c in choices)
-                raise ConfigError(f"{section.name}.{f.name}={value!r} is not one of: {shown}")
+                raise ConfigError(f"{where}.{f.name}={value!r} is not one of: {shown}")
 
     a = cfg.algorithm
     preset = PRESETS[a.method]
@@ -458,19 +495,8 @@ def validate(cfg: RunConfig) -> RunConfig:
            f"narrower dtype than the stored one; store float32 (model.dtype=float32) or compute in {m.dtype}")
     _check(cfg.model.path not in ("", "???"), "model.path is required: a Hugging Face id or a local model directory")
     _check(cfg.data.train not in ("", "???"), "data.train is required: a dataset file, directory or hub id")
-    if a.advantage in DISTILLATION_ESTIMATORS:
-        _check(bool(cfg.teacher.path) or cfg.teacher.backend == "server",
-               f"teacher.path is required by algorithm.advantage={a.advantage} (or teacher.backend=server with "
-               "teacher.url)")
-    _check(cfg.teacher.micro_batch_size >= 1, "teacher.micro_batch_size must be >= 1")
-    te = cfg.teacher
-    if te.backend == "server" and a.advantage in DISTILLATION_ESTIMATORS:
-        _check(bool(te.url) and str(te.url).startswith(("http://", "https://")),
-               "teacher.backend=server needs teacher.url=http://HOST:PORT (a gndpo serve-teacher or vLLM server)")
-    _check(te.timeout > 0, "teacher.timeout must be > 0 seconds")
-    _check(te.retries >= 0, "teacher.retries must be >= 0")
-    _check(te.connect_timeout >= 0, "teacher.connect_timeout must be >= 0 seconds (0 = do not wait)")
-    for section, v in (("rollout.vllm", cfg.rollout.vllm), ("teacher.vllm", te.vllm)):
+    _check_teachers(cfg)
+    for section, v in (("rollout.vllm", cfg.rollout.vllm), *((f"{w}.vllm", te.vllm) for w, te in teacher_sections(cfg))):
         _check(0 < v.gpu_memory_utilization <= 1, f"{section}.gpu_memory_utilization must be in (0, 1]")
         _check(v.max_model_len is None or v.max_model_len >= 2, f"{section}.max_model_len must be >= 2 or null")
         _check(v.tensor_parallel_size >= 1, f"{section}.tensor_parallel_size must be >= 1")
@@ -529,6 +555,77 @@ def validate(cfg: RunConfig) -> RunConfig:
     return cfg
 
 
+def teacher_sections(cfg: RunConfig) -> list[tuple[str, TeacherConfig]]:
+    """(where, section) of every teacher the run configures: the ``teachers:`` list's entries, else ``teacher``."""
+    if cfg.teachers:
+        return [(f"teachers[{i}]", e) for i, e in enumerate(cfg.teachers)]
+    return [("teacher", cfg.teacher)]
+
+
+def _check_teacher(te: TeacherConfig, where: str, distills: bool) -> None:
+    from gndpo.teacher.context import template_fields
+
+    _check(te.micro_batch_size >= 1, f"{where}.micro_batch_size must be >= 1")
+    _check(te.timeout > 0, f"{where}.timeout must be > 0 seconds")
+    _check(te.retries >= 0, f"{where}.retries must be >= 0")
+    _check(te.connect_timeout >= 0, f"{where}.connect_timeout must be >= 0 seconds (0 = do not wait)")
+    if te.context is not None:
+        template_fields(te.context, where=f"{where}.context")
+    if not distills:
+        return
+    if te.path == "self":
+        _check(te.context is not None, f"{where}.path=self needs {where}.context, the privileged context only the "
+                                       f"teacher sees, e.g. {where}.context='Reference answer: {{answer}}'")
+        _check(te.backend != "server", f"{where}.path=self scores with the student's weights in this process; for a "
+                                       f"served copy of the student, serve model.path and set {where}.url and "
+                                       f"{where}.context")
+        _check(te.backend == "hf" or te.self_weights == "initial",
+               f"{where}.self_weights=current scores with the trainer's own weights: use {where}.backend=hf (or "
+               f"self_weights=initial for a vLLM engine holding the starting weights)")
+    elif te.backend == "server":
+        _check(bool(te.url) and str(te.url).startswith(("http://", "https://")),
+               f"{where}.backend=server needs {where}.url=http://HOST:PORT (a gndpo serve-teacher or vLLM server)")
+    elif where == "teacher":
+        _check(bool(te.path), "teacher.path is required by distillation (or teacher.backend=server with teacher.url)")
+    else:
+        _check(bool(te.path), f"{where} ({te.name!r}) has neither path nor url: set {where}.path to a model, or "
+                              f"{where}.backend=server and {where}.url")
+
+
+def _check_teachers(cfg: RunConfig) -> None:
+    """Each teacher's keys, and the rules of several teachers (routing, per-teacher statistics)."""
+    a, d = cfg.algorithm, cfg.data
+    distills = a.advantage in DISTILLATION_ESTIMATORS
+    for where, te in teacher_sections(cfg):
+        _check_teacher(te, where, distills)
+    if not cfg.teachers:
+        for key in ("teacher_key", "default_teacher"):
+            _check(getattr(d, key) is None, f"data.{key} routes examples to the teachers of a teachers: list, which "
+                                            f"is empty; list the teachers or drop data.{key}")
+        _check(a.teacher_norm == "batch", "algorithm.teacher_norm=per_teacher pools the statistics per teacher of a "
+                                          "teachers: list, which is empty; list the teachers or drop it")
+        return
+    _check(not cfg.teacher.path and not cfg.teacher.url,
+           "set teacher.path/url or a teachers: list, not both (each entry takes every teacher.* key)")
+    names = [e.name for e in cfg.teachers]
+    for i, name in enumerate(names):
+        _check(bool(name) and name == name.strip(), f"teachers[{i}] needs a name (what data.teacher_key names)")
+        _check(names.index(name) == i, f"teachers[{i}] and teachers[{names.index(name)}] are both named {name!r}; "
+                                       "names must be unique")
+    _check(d.teacher_key is not None or len(names) == 1,
+           f"data.teacher_key is required with {len(names)} teachers: the record field naming each example's teacher")
+    _check(d.default_teacher is None or d.default_teacher in names,
+           f"data.default_teacher={d.default_teacher!r} is not in the teachers: list ({', '.join(names)})")
+    _check(not cfg.dist.shard_teacher, "dist.shard_teacher is not supported with a teachers: list (each rank scores "
+                                       "its own share of each teacher); drop dist.shard_teacher")
+    _check(a.teacher_norm == "batch" or a.scope == "batch",
+           f"algorithm.teacher_norm=per_teacher replaces the batch statistics of algorithm.scope=batch, and "
+           f"algorithm.scope={a.scope} has none; use algorithm.method=gndpo (or algorithm.scope=batch)")
+    _check(a.teacher_norm == "batch" or a.norm_stats == "batch",
+           "algorithm.teacher_norm=per_teacher and algorithm.norm_stats=running both replace the batch statistics; "
+           "choose one (drop algorithm.norm_stats=running, or algorithm.teacher_norm)")
+
+
 def to_dict(cfg: RunConfig) -> dict:
     return dataclasses.asdict(cfg)
 
@@ -558,5 +655,8 @@ def help_text() -> str:
 
     for section in dataclasses.fields(RunConfig):
         lines.append(f"{section.name}:  {section.metadata.get('help', '')}")
+        if section.name == "teachers":  # a list: each entry's keys
+            fields_of(TeacherEntry, "teachers[i]")
+            continue
         fields_of(section.default_factory, section.name)
     return "\n".join(lines)

@@ -32,7 +32,11 @@ Lines (bytes):
 - mixed precision under FSDP2 (``--shard fsdp``): the units gather in ``p``; in the update the unsharded
   gradients of the root and one layer in ``p``, and the root's cast to ``dist.reduce_dtype`` for its
   reduce-scatter;
-- teacher weights: ``teacher params * p_t`` (forward only, no gradients or optimizer state);
+- teacher weights: ``teacher params * p_t`` (forward only, no gradients or optimizer state), for each teacher of a
+  ``teachers:`` list; self-distillation (``teacher.path=self``) with ``self_weights=initial`` is a frozen copy
+  of the student's starting weights in ``p_t``, with ``current`` no weights at all (it scores with the student's,
+  in ``p``: under autocast its compute copies cover the teacher's pass too; under FSDP2 the whole student is
+  gathered for it, as for the hf sampler);
 - activations of the update, per micro-batch of ``trainer.micro_batch_size`` sequences laid out as
   ``forward.response_logprobs`` lays them out (one row per sequence; a packed row per prompt when it fits
   ``forward.PACK_TOKENS``; or the prompt once plus its samples over a KV cache). Per token and layer, what
@@ -67,7 +71,10 @@ Lines (bytes):
   full-vocabulary log-softmax is never materialized: the chunked log-prob buffers above cover it;
 - KV cache and working memory of the scoring passes (teacher, ``teacher.micro_batch_size`` sequences; the
   student's old log-probs, ``trainer.micro_batch_size``, when that pass runs): as the update's layout, no
-  gradients; working memory is one layer at a time, ``tokens * (3hp + 4h + p * max(3I, (3a + 2k')d))``.
+  gradients; working memory is one layer at a time, ``tokens * (3hp + 4h + p * max(3I, (3a + 2k')d))``. Several
+  teachers score one after another: the largest one's lines count. A privileged context (``teacher.context``)
+  lengthens the teacher's prompts beyond ``P`` by its rendered length, which the plan (no records) does not
+  count.
 
 Phases run one after another (rollout, old log-probs, teacher scoring, update, optimizer step), so
 ``peak = weights + optimizer state + teacher weights + max over phases``. Not counted: the vision tower's
@@ -140,7 +147,7 @@ class MemoryLine:
 @dataclass(frozen=True)
 class ResourcePlan:
     student: ModelShape
-    teacher: ModelShape | None
+    teacher: ModelShape | None  # the first teacher's (the student's for a self teacher on the current weights)
     student_dtype: str  # stored: the master weights, their gradients and AdamW's state
     teacher_dtype: str | None
     compute_dtype: str  # the student's forward and backward passes (mixed precision when it differs)
@@ -155,6 +162,7 @@ class ResourcePlan:
     peak_phase: str
     gpu_memory_bytes: int | None
     warnings: tuple[str, ...]
+    teachers: tuple = ()  # (role, ModelShape, dtype) of every teacher in memory or on an engine here
 
 
 # ---------------------------------------------------------------- models
@@ -427,7 +435,7 @@ def build_plan(cfg: RunConfig, *, world_size: int = 1, shard: str = "none", shar
         raise ConfigError(f"--shard {shard!r} is not one of: none, fsdp")
     if shard_teacher and shard != "fsdp":
         raise ConfigError("--shard-teacher needs --shard fsdp")
-    m, t, r, tr, a = cfg.model, cfg.teacher, cfg.rollout, cfg.trainer, cfg.algorithm
+    m, r, tr, a = cfg.model, cfg.rollout, cfg.trainer, cfg.algorithm
     lora = m.lora if m.lora.rank > 0 else None
     student = model_shape(m.path, what="model", trust_remote_code=m.trust_remote_code, lora=lora)
     stored, compute = student_dtypes(m.dtype, m.compute_dtype, "cpu" if tr.device == "cpu" else "cuda",
@@ -435,23 +443,24 @@ def build_plan(cfg: RunConfig, *, world_size: int = 1, shard: str = "none", shar
     s_name, ps, c_name, p = dtype_name(stored), stored.itemsize, dtype_name(compute), compute.itemsize
     # mixed precision: autocast in one process; under FSDP2 the units gather in the compute dtype
     autocast = compute != stored and shard != "fsdp"
-    uses_teacher = a.advantage in ("gndpo", "opd") and t.backend != "server"
-    teacher = model_shape(t.path, what="teacher", trust_remote_code=t.trust_remote_code) if uses_teacher else None
-    t_name, pt = dtype_bytes(t.dtype, tr.device) if uses_teacher else (None, 0)
     P, R, n, attn = cfg.data.max_prompt_length, r.max_new_tokens, r.n, m.attn_implementation
+    teachers = _teacher_shapes(cfg, student, c_name) if a.advantage in ("gndpo", "opd") else []
+    teacher, t_name = (teachers[0][2], teachers[0][3]) if teachers else (None, None)
     div = world_size if shard == "fsdp" else 1
     adapter_bytes = student.adapters * 4 + student.saved_copies * ps  # PEFT keeps adapters in float32
     trainable_bytes = adapter_bytes if lora else student.total * ps  # gradients and AdamW moments: the masters'
 
     lines = [MemoryLine("student weights", (), (student.total * ps + (adapter_bytes if lora else 0)) // div),
              MemoryLine("optimizer state (AdamW)", (), 2 * trainable_bytes // div)]
-    if teacher is not None and t.backend == "hf":
-        lines.append(MemoryLine("teacher weights", (), teacher.total * pt // (world_size if shard_teacher else 1)))
+    for role, te, shape, dtype in teachers:
+        if te.backend == "hf" and shape is not student:  # a self teacher on the current weights holds none
+            lines.append(MemoryLine(f"{role} weights", (), shape.total * _BYTES[dtype] //
+                                    (world_size if shard_teacher else 1)))
     # a sleeping sampler (CUDA sleep mode, no vLLM teacher in the process) frees its share between rollouts
-    sleeps = r.vllm.sleep and t.backend != "vllm"
+    sleeps = r.vllm.sleep and all(te.backend != "vllm" for _, te, _, _ in teachers)
     for backend, section, name, phases in (
             (r.backend, r.vllm, "vLLM engine (rollout)", ("rollout",) if sleeps else ()),
-            (t.backend if teacher is not None else None, t.vllm, "vLLM engine (teacher)", ())):
+            *((te.backend, te.vllm, f"vLLM engine ({role})", ()) for role, te, _, _ in teachers)):
         if backend == "vllm":  # the engine reserves its share of the GPU up front
             if gpu_memory is None:  # the config is valid; only this plan cannot be made
                 raise ModelError(f"{name} reserves {section.gpu_memory_utilization:g} of the GPU's memory; pass "
@@ -460,8 +469,9 @@ def build_plan(cfg: RunConfig, *, world_size: int = 1, shard: str = "none", shar
     root = student.total - student.layers * student.layer_params  # embeddings, head, norms, vision, projector
     if shard == "fsdp":  # gathered in the compute dtype (MixedPrecisionPolicy)
         gathered = (root + 2 * student.layer_params) * p
-        if shard_teacher and teacher is not None:
-            gathered += (teacher.total - (teacher.layers - 2) * teacher.layer_params) * pt
+        for _, te, shape, dtype in teachers:
+            if shard_teacher and te.backend == "hf" and shape is not student:
+                gathered += (shape.total - (shape.layers - 2) * shape.layer_params) * _BYTES[dtype]
         lines.append(MemoryLine("FSDP all-gathered units", (), gathered))
         if p != ps or ps != _BYTES[cfg.dist.reduce_dtype]:
             # unsharded gradients in the compute dtype: the root's from the head's backward (first) to the end of
@@ -472,6 +482,8 @@ def build_plan(cfg: RunConfig, *, world_size: int = 1, shard: str = "none", shar
     sampler_lp = a.old_logprobs == "sampler" and r.engine == "loop" and student.decode_loop
     old_pass = not sampler_lp and not old_logprobs_redundant(cfg)
     student_passes += ("old log-probs",) * old_pass + ("update",)
+    self_current = any(shape is student for _, _, shape, _ in teachers)  # teacher.path=self on the live weights
+    student_passes += ("teacher scoring",) * self_current
     if autocast:
         # autocast keeps a compute-dtype copy of every Linear weight for the whole pass (and backward keeps them);
         # the embeddings are not cast, but gndpo's chunked head casts the LM head's weight itself
@@ -483,20 +495,28 @@ def build_plan(cfg: RunConfig, *, world_size: int = 1, shard: str = "none", shar
         if shard == "fsdp":  # decoding gathers the layers the persistent line above does not hold
             lines.append(MemoryLine("student gathered for decoding", ("rollout",),
                                     (student.layers - 2) * student.layer_params * p))
+    if self_current and shard == "fsdp":  # the self teacher scores with the whole student gathered, as decoding
+        lines.append(MemoryLine("student gathered for the self teacher", ("teacher scoring",),
+                                (student.layers - 2) * student.layer_params * p))
     # the student's scoring shares prompts over a KV cache unless activations are checkpointed
     shared = not m.gradient_checkpointing and student.shares_prefixes
     if old_pass:
         lines += _scoring_lines(student, p, "old log-probs", "old log-probs", tr.micro_batch_size, n, P, R,
                                 shared=shared, attn=attn)
-    if teacher is not None and t.backend == "hf":  # loaded without attn_implementation: SDPA
-        lines += _scoring_lines(teacher, pt, "teacher scoring", "teacher scoring", t.micro_batch_size, n, P, R,
-                                shared=teacher.shares_prefixes, attn=None)
-    if a.distill == "topk" and teacher is not None:
+    scoring = []  # teachers score one after another: the largest one's pass counts
+    for role, te, shape, dtype in teachers:
+        if te.backend == "hf":  # loaded without attn_implementation (SDPA), unless it is the student itself
+            own = shape is student
+            scoring.append(_scoring_lines(shape, _BYTES[dtype], "teacher scoring" if len(teachers) == 1 else
+                                          f"{role} scoring", "teacher scoring", te.micro_batch_size, n, P, R,
+                                          shared=shared if own else shape.shares_prefixes, attn=attn if own else None))
+    lines += max(scoring, key=lambda group: sum(x.bytes for x in group), default=[])
+    if a.distill == "topk" and teachers:
         # the teacher's top-k ids (8 bytes) and log-probs (4) per response token of a scoring micro-batch; the
         # student's log-probs of them in the old pass; in the update also the buckets, the divergence's terms and
         # their gradients (~10 float32 per bucket)
-        K = a.topk
-        lines.append(MemoryLine("top-k buffers (teacher scoring)", ("teacher scoring",), t.micro_batch_size * R * K * 12))
+        K, micro_t = a.topk, max(te.micro_batch_size for _, te, _, _ in teachers)
+        lines.append(MemoryLine("top-k buffers (teacher scoring)", ("teacher scoring",), micro_t * R * K * 12))
         lines.append(MemoryLine("top-k buffers (old log-probs)", ("old log-probs",), tr.micro_batch_size * R * K * 12))
         lines.append(MemoryLine("top-k buffers (update)", ("update",), tr.micro_batch_size * R * (K + 1) * 48))
     lines.append(MemoryLine("gradients", ("update", "optimizer step"), trainable_bytes // div))
@@ -517,7 +537,29 @@ def build_plan(cfg: RunConfig, *, world_size: int = 1, shard: str = "none", shar
                         compute_dtype=c_name, prompt_tokens=P,
                         response_tokens=R, world_size=world_size, shard=shard, shard_teacher=shard_teacher,
                         lines=tuple(lines), phase_bytes=phase_bytes, peak_bytes=peak, peak_phase=peak_phase,
-                        gpu_memory_bytes=gpu_memory, warnings=tuple(warnings))
+                        gpu_memory_bytes=gpu_memory, warnings=tuple(warnings),
+                        teachers=tuple((role, shape, dtype) for role, _, shape, dtype in teachers))
+
+
+def _teacher_shapes(cfg: RunConfig, student: ModelShape, compute: str) -> list:
+    """(role, section, ModelShape, dtype name) of every teacher that takes memory here (a served one takes none).
+    A self teacher on the current weights is the student's own shape object, in the compute dtype."""
+    from gndpo.config import teacher_sections
+
+    out = []
+    sections = teacher_sections(cfg)
+    for where, te in sections:
+        if te.backend == "server":
+            continue
+        role = ("self teacher" if te.path == "self" else "teacher") + (f" {te.name}" if len(sections) > 1 else "")
+        if te.path == "self" and te.self_weights == "current":
+            out.append((role, te, student, compute))
+            continue
+        path, remote = (cfg.model.path, cfg.model.trust_remote_code) if te.path == "self" else \
+            (te.path, te.trust_remote_code)
+        shape = model_shape(path, what="teacher", trust_remote_code=remote)
+        out.append((role, te, shape, dtype_bytes(te.dtype, cfg.trainer.device)[0]))  # self: the starting weights
+    return out
 
 
 def measured_peak_bytes(prof) -> int:
@@ -587,7 +629,8 @@ def format_plan(plan: ResourcePlan) -> str:
     models = [("model", "params", "vision", "language", "trainable", "dtype", "path")]
     student_dtype = plan.student_dtype if plan.compute_dtype == plan.student_dtype else \
         f"{plan.student_dtype}, computes in {plan.compute_dtype}"
-    roles = (("student", plan.student, student_dtype), ("teacher", plan.teacher, plan.teacher_dtype))
+    roles = (("student", plan.student, student_dtype), *((role, shape, dtype) for role, shape, dtype in plan.teachers
+                                                          if shape is not plan.student))
     for role, s, dtype in roles:
         if s is not None:
             models.append((role, format_count(s.total), format_count(s.vision), format_count(s.language),

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from gndpo import checkpoint as ckpt
-from gndpo.backends import build_rollout, build_teacher
+from gndpo.backends import build_rollout, build_teacher, check_teacher_records
 from gndpo.config import RunConfig, to_dict
 from gndpo.core.advantages import compute_advantages
 from gndpo.core.logprobs import TokenStats
@@ -108,9 +108,12 @@ def compute_step_advantages(cfg: RunConfig, rollouts: Rollouts, old_lp: torch.Te
     token_reward = -div if dense_reward(cfg) and div is not None else None
     norm, norm_metrics = running_step(norm, a.norm_decay, teacher.logprobs, old_lp, mask, a.reward_clamp, reduce,
                                       token_reward) if a.norm_stats == "running" else (None, {})
+    # several teachers: per-teacher metrics, and per-teacher statistics with algorithm.teacher_norm=per_teacher
+    scope = "teacher" if a.teacher_norm == "per_teacher" else a.scope
     adv, metrics = compute_advantages(a.advantage, teacher_logprobs=teacher.logprobs, student_logprobs=old_lp,
-                                      response_mask=mask, clamp=a.reward_clamp, scope=a.scope, reduce=reduce,
-                                      group_ids=rollouts.prompt_index, token_reward=token_reward, moments=norm)
+                                      response_mask=mask, clamp=a.reward_clamp, scope=scope, reduce=reduce,
+                                      group_ids=rollouts.prompt_index, token_reward=token_reward, moments=norm,
+                                      teacher_ids=teacher.teacher_ids, teacher_names=tuple(t.name for t in cfg.teachers))
     return adv, {**metrics, **extra, **norm_metrics}, div, norm
 
 
@@ -289,6 +292,7 @@ def train(cfg: RunConfig, *, dist: DistContext = LOCAL,
     suffix = resolve_suffix(cfg.data.prompt_suffix)
 
     records = read_records(cfg)  # data errors surface before any model loads
+    check_teacher_records(cfg, records)  # context fields, teacher names
     # float32 masters, bf16 compute on GPUs: autocast in one process, FSDP2's MixedPrecisionPolicy under torchrun
     stored, compute = student_dtypes(cfg.model.dtype, cfg.model.compute_dtype, device, lora=cfg.model.lora.rank > 0)
     mixed = compute if compute != stored else None
@@ -313,7 +317,8 @@ def train(cfg: RunConfig, *, dist: DistContext = LOCAL,
     records, skipped_prompts = drop_long_prompts(cfg, records, processor, suffix)
     teacher = None
     if a.advantage in ("gndpo", "opd"):
-        teacher = build_teacher(cfg, processor, suffix=suffix, records=records, device=device, images=images, dist=dist)
+        teacher = build_teacher(cfg, processor, suffix=suffix, records=records, device=device, images=images, dist=dist,
+                                scorer=scorer)
     rollout = build_rollout(cfg, model, processor, suffix=suffix, records=records, device=device, scorer=scorer,
                             dist=dist)
     reward_fn = get_reward(a.outcome_reward)

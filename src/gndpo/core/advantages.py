@@ -26,6 +26,15 @@ How this module departs from the official verl code:
   batch-scope statistics given by the caller (running statistics over steps, ``normstats.py``). Groups and
   sequences are assumed to live whole on one rank: only the batch scope's statistics go through
   ``reduce`` (metrics always do).
+- Several teachers (``teacher_ids`` (B,), one per response, indexing ``teacher_names``): the statistics are the
+  batch's (the paper's) or, with ``scope="teacher"``, those of every token the same teacher scored, all ranks
+  pooled (a teacher's responses span ranks):
+
+      A_t = (r_t - mean_k) * rsqrt(var_k + 1e-8) * m_t        k = the teacher of the response holding t
+
+  with ``mean_k``/``var_k`` the formulas above over teacher k's tokens; a teacher with fewer than 2 tokens in
+  the batch gives its tokens advantage 0. Per-teacher metrics ``teacher/{name}/reward_mean``, ``clamp_frac``
+  and ``token_share`` (its share of the batch's response tokens) are reported either way.
 - GRPO: a group of one sample keeps its raw reward (mean 0, std 1), as verl does.
 
 ``reduce(tensor, op)`` receives a float64 tensor and ``op`` in {"sum", "min", "max"} and returns the
@@ -42,7 +51,7 @@ import torch
 Reduce = Callable[[torch.Tensor, str], torch.Tensor]
 AdvantageFn = Callable[..., tuple[torch.Tensor, dict[str, float]]]
 
-SCOPES = ("batch", "group", "sequence", "none")
+SCOPES = ("batch", "group", "sequence", "none", "teacher")
 _MEAN_EPS = 1e-8  # verl's masked_mean denominator epsilon
 
 _ADVANTAGES: dict[str, AdvantageFn] = {}
@@ -202,18 +211,28 @@ def distillation_reward(
     return _clamp_reward(_log_ratio(teacher_logprobs, student_logprobs, valid), valid, clamp)
 
 
-def _segment_normalize(
-    r64: torch.Tensor, valid: torch.Tensor, segment: torch.Tensor, eps: float
+def segment_sums(
+    values: torch.Tensor, segment: torch.Tensor, num_segments: int, reduce: Reduce | None = None
 ) -> torch.Tensor:
-    """z-score ``r64`` (B, L) within segments of rows (segment (B,) in [0, S)); segments with < 2 tokens -> 0."""
-    num_segments = int(segment.max()) + 1 if segment.numel() else 0
+    """Per-segment sums ``(S, K)`` of row values ``(B, K)`` (segment (B,) in [0, S)), float64, all-reduced if
+    ``reduce`` (one call: every rank must pass the same ``num_segments``)."""
+    out = torch.zeros(num_segments, values.shape[1], dtype=torch.float64, device=values.device)
+    out.index_add_(0, segment, values.double())  # (S, K)
+    return _reduce(out, "sum", reduce)
+
+
+def _segment_normalize(
+    r64: torch.Tensor, valid: torch.Tensor, segment: torch.Tensor, eps: float, num_segments: int | None = None,
+    reduce: Reduce | None = None,
+) -> torch.Tensor:
+    """z-score ``r64`` (B, L) within segments of rows (segment (B,) in [0, S)); segments with < 2 tokens -> 0.
+    ``reduce``: the segments span ranks (their moments are all-reduced)."""
+    if num_segments is None:
+        num_segments = int(segment.max()) + 1 if segment.numel() else 0
     m = valid.double()  # (B, L)
     rm = r64 * m  # (B, L)
-
-    def per_segment(row_values: torch.Tensor) -> torch.Tensor:  # (B,) -> (S,)
-        return torch.zeros(num_segments, dtype=torch.float64, device=r64.device).index_add_(0, segment, row_values)
-
-    s, ss, n = per_segment(rm.sum(-1)), per_segment((rm * r64).sum(-1)), per_segment(m.sum(-1))  # (S,) each
+    rows = torch.stack([rm.sum(-1), (rm * r64).sum(-1), m.sum(-1)], -1)  # (B, 3)
+    s, ss, n = segment_sums(rows, segment, num_segments, reduce).unbind(-1)  # (S,) each
     enough = n >= 2  # (S,)
     mean, var = moments_mean_var(s, ss, torch.where(enough, n, 2.0))  # (S,), (S,)
     scale = torch.where(enough, torch.rsqrt(var + eps), 0.0)  # (S,)
@@ -251,12 +270,18 @@ def _distillation_advantages(
     reduce: Reduce | None,
     token_reward: torch.Tensor | None = None,
     moments: Sequence[float] | None = None,
+    teacher_ids: torch.Tensor | None = None,
+    teacher_names: tuple[str, ...] = (),
 ) -> tuple[torch.Tensor, dict[str, float]]:
     if scope not in SCOPES:
         raise ValueError(f"unknown normalization scope {scope!r}; valid scopes: {', '.join(SCOPES)}")
     if moments is not None and scope != "batch":
         raise ValueError(f"given moments (running statistics) apply to scope='batch' only, not {scope!r}: per-group "
                          "or per-sequence statistics have nothing to carry over from earlier steps")
+    if teacher_ids is not None and (teacher_ids.shape != response_mask.shape[:1] or not teacher_names or (
+            teacher_ids.numel() and not 0 <= int(teacher_ids.min()) <= int(teacher_ids.max()) < len(teacher_names))):
+        raise ValueError(f"teacher_ids must hold one id in [0, {len(teacher_names)}) per response (B,) with "
+                         f"teacher_names naming each, got shape {tuple(teacher_ids.shape)}")
     valid = response_mask.bool()  # (B, L)
     out_dtype = torch.promote_types(student_logprobs.dtype, torch.float32)
     log_ratio, r64 = distillation_signal(teacher_logprobs, student_logprobs, response_mask, clamp, token_reward)
@@ -275,6 +300,10 @@ def _distillation_advantages(
             )
         mean, var = moments_mean_var(s, ss, n)
         adv = (r64 - mean) * torch.rsqrt(var + eps) * m  # (B, L)
+    elif scope == "teacher":
+        if teacher_ids is None:
+            raise ValueError("scope='teacher' needs teacher_ids, one teacher per response (B,), and teacher_names")
+        adv = _segment_normalize(r64, valid, teacher_ids.to(r64.device), eps, len(teacher_names), reduce)  # (B, L)
     else:
         if scope == "sequence":
             segment = torch.arange(r64.shape[0], device=r64.device)  # (B,)
@@ -291,7 +320,28 @@ def _distillation_advantages(
     metrics["clamp_frac"] = metrics.pop("clamped_mean")
     for key in ("clamped_std", "clamped_min", "clamped_max", "log_ratio_std"):
         del metrics[key]
+    if teacher_ids is not None:
+        metrics.update(_teacher_metrics(r64, clamped, valid, teacher_ids.to(r64.device), teacher_names, reduce))
     return adv.to(out_dtype), metrics
+
+
+def _teacher_metrics(
+    r64: torch.Tensor, clamped: torch.Tensor, valid: torch.Tensor, teacher_ids: torch.Tensor,
+    names: tuple[str, ...], reduce: Reduce | None,
+) -> dict[str, float]:
+    """``teacher/{name}/reward_mean``, ``clamp_frac`` and ``token_share`` over every rank's tokens (one reduce); a
+    teacher that scored no token of the batch has NaN means and share 0."""
+    m = valid.double()  # (B, L)
+    rows = torch.stack([(r64 * m).sum(-1), (clamped.double() * m).sum(-1), m.sum(-1)], -1)  # (B, 3)
+    s, c, n = segment_sums(rows, teacher_ids, len(names), reduce).unbind(-1)  # (T,) each
+    total = float(n.sum())
+    out: dict[str, float] = {}
+    for k, name in enumerate(names):
+        count = float(n[k])
+        out[f"teacher/{name}/reward_mean"] = float(s[k]) / count if count else math.nan
+        out[f"teacher/{name}/clamp_frac"] = float(c[k]) / count if count else math.nan
+        out[f"teacher/{name}/token_share"] = count / total if total else 0.0
+    return out
 
 
 @register_advantage("gndpo")
@@ -307,15 +357,20 @@ def gndpo_advantages(
     reduce: Reduce | None = None,
     token_reward: torch.Tensor | None = None,
     moments: Sequence[float] | None = None,
+    teacher_ids: torch.Tensor | None = None,
+    teacher_names: tuple[str, ...] = (),
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """GNDPO: clamped log-ratio z-scored over every valid token of the batch (``scope``). Detached.
 
     ``token_reward`` (B, L): a per-token signal that replaces the log-ratio (gndpo's dense mode passes the
     negative top-k divergence), clamped and normalized the same way; the log-probs are then only checked.
     ``moments`` (sum, sum of squares, count), scope batch only: normalize with these statistics instead of the
-    batch's own (running statistics, ``normstats.py``); None = the paper."""
+    batch's own (running statistics, ``normstats.py``); None = the paper.
+    ``teacher_ids`` (B,) / ``teacher_names``: which of several teachers scored each response (per-teacher metrics;
+    ``scope="teacher"`` normalizes per teacher)."""
     return _distillation_advantages(
-        teacher_logprobs, student_logprobs, response_mask, clamp, eps, scope, group_ids, reduce, token_reward, moments
+        teacher_logprobs, student_logprobs, response_mask, clamp, eps, scope, group_ids, reduce, token_reward,
+        moments, teacher_ids, tuple(teacher_names),
     )
 
 
@@ -332,13 +387,16 @@ def opd_advantages(
     reduce: Reduce | None = None,
     token_reward: torch.Tensor | None = None,
     moments: Sequence[float] | None = None,
+    teacher_ids: torch.Tensor | None = None,
+    teacher_names: tuple[str, ...] = (),
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """On-policy distillation: the clamped log-ratio itself (scope ``none``). Detached.
 
     Same options as ``gndpo``; ``opd`` with ``scope="batch"`` equals ``gndpo``.
     """
     return _distillation_advantages(
-        teacher_logprobs, student_logprobs, response_mask, clamp, eps, scope, group_ids, reduce, token_reward, moments
+        teacher_logprobs, student_logprobs, response_mask, clamp, eps, scope, group_ids, reduce, token_reward,
+        moments, teacher_ids, tuple(teacher_names),
     )
 
 

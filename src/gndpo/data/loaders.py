@@ -272,8 +272,15 @@ def _to_records(
                 raise DataError(f"{label} has no {image_key!r} field but other records do; "
                                 f'give it "{image_key}": [] if it has no image')
             images = _load_images(row[image_key], label=label, base_dir=table.base_dir)
-        records.append(PromptRecord(id=record_id, prompt=prompt, answer=answer, images=images))
+        records.append(PromptRecord(id=record_id, prompt=prompt, answer=answer, images=images,
+                                    fields=_scalar_fields(row, skip=image_key)))
     return records
+
+
+def _scalar_fields(row: dict, *, skip: str | None) -> dict[str, str]:
+    """The record's text and number fields as strings (what a context template or a routing key may name)."""
+    return {str(k): v if isinstance(v, str) else str(v) for k, v in row.items()
+            if k != skip and isinstance(v, (str, int, float)) and not isinstance(v, bool)}
 
 
 def _text(row: dict, key: str, option: str, index: int, table: _Table) -> str:

@@ -30,8 +30,9 @@ def build_messages(
     A record without images gets plain-string content, which every text-only chat template accepts.
     """
     messages: list[dict] = []
-    if system_prompt:
-        messages.append({"role": "system", "content": system_prompt})
+    system = "\n\n".join(s for s in (system_prompt, record.system) if s)
+    if system:
+        messages.append({"role": "system", "content": system})
     text = prompt_text(record, suffix)
     if record.images:
         content = [{"type": "image"} for _ in record.images] + [{"type": "text", "text": text}]

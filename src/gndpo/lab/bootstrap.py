@@ -1,11 +1,17 @@
-"""Deterministic SFT bootstrap of the lab's tiny teacher and student, then greedy evaluation on the test split.
+"""Deterministic SFT bootstrap of the lab's tiny teacher, student and two specialist teachers, then greedy evaluation
+on the test split.
 
-Both models start from random weights and learn the lab task (``gndpo.lab.task``) by supervised fine-tuning
+All models start from random weights and learn the lab task (``gndpo.lab.task``) by supervised fine-tuning
 on the train split, with the loss on response tokens only. The teacher trains to >= 90 % test accuracy; the
 student is 6x smaller and stops early (at ~30 %): it writes well-formed answers and reads nearly every
 digit, but often slips in the arithmetic, the room that on-policy distillation from the teacher is meant to
 close. Same seed and thread count, same weights, bit for bit. The shipped ones were made with seed 0 and two
 threads (teacher 98.6 %, student 30.6 %); the default one thread regenerates equivalent ones (98.5 %, 30.1 %).
+
+The two specialists of the two-teacher lab run (``gndpo lab --teachers``), ``teacher_sum`` and ``teacher_prod``
+(0.39 M parameters each), learn one half of the task each (``gndpo.lab.task.SUBTASKS``: "Digit sum times k." or
+"Digit product plus k.") and never see the other half's question. Shipped: seed 0, one thread; test accuracy
+on their own half 92.0 % and 95.5 %, on the other half 0.6 % and 1.2 % (``bootstrap.json``).
 
 The vision tower and projector train at a tenth of the language model's learning rate: at one shared rate
 the projector soon emits a large image-independent vector, the vision tower's gradient vanishes and the
@@ -34,7 +40,11 @@ from gndpo.lab import task as lab_task
 from gndpo.lab.tiny import SIZES, build_tiny_vlm, num_parameters
 
 ASSETS_DIR = Path(__file__).with_name("assets")
-_SEED_OFFSETS = {"teacher": 0, "student": 1}  # fixed per kind, so bootstrapping one model alone gives the same
+KINDS = ("teacher", "student", "teacher_sum", "teacher_prod")
+# fixed per kind, so bootstrapping one model alone gives the same
+_SEED_OFFSETS = {"teacher": 0, "student": 1, "teacher_sum": 2, "teacher_prod": 3}
+# The specialists of the two-teacher lab run: each learns one half of the task (gndpo.lab.task.SUBTASKS) only.
+SPECIALISTS = {"teacher_sum": "sum", "teacher_prod": "prod"}
 
 
 @dataclass(frozen=True)
@@ -64,6 +74,10 @@ RECIPES = {
     # well-formed answers, reads most digits and gets much of the arithmetic wrong. The same model trained
     # 1,000 steps reaches ~75 %: the gap to the teacher is learnable, not a capacity wall.
     "student": SFTRecipe(steps=1500, final_lr_frac=1.0, stop_accuracy=0.30),
+    # Each specialist sees only its half of the train split and stops once it is as good there as the full
+    # teacher is on the whole task; it has never seen the other half's question.
+    "teacher_sum": SFTRecipe(steps=1000, stop_accuracy=0.95, check_every=50),
+    "teacher_prod": SFTRecipe(steps=1000, stop_accuracy=0.95, check_every=50),
 }
 
 
@@ -171,6 +185,9 @@ def bootstrap_model(kind: str, train, test, solutions: dict[str, str], *, seed: 
     t0 = time.perf_counter()
     seed = seed + _SEED_OFFSETS[kind]
     recipe = RECIPES[kind]
+    half = SPECIALISTS.get(kind)
+    if half is not None:  # a specialist trains and is probed on its half only
+        train = [r for r in train if lab_task.subtask(r.prompt) == half]
     model, processor = build_tiny_vlm(kind, seed=seed)
     data = encode_sft(processor, train, solutions, suffix=lab_task.LAB_SUFFIX)
     probe_accuracy: list[float] = []
@@ -181,21 +198,26 @@ def bootstrap_model(kind: str, train, test, solutions: dict[str, str], *, seed: 
     t_train = time.perf_counter() - t0
     result = greedy_accuracy(model, processor, test, batch_size=128, max_new_tokens=lab_task.LAB_MAX_NEW_TOKENS,
                              suffix=lab_task.LAB_SUFFIX)
+    halves = {name: [ok for ok, r in zip(result["correct"], test) if lab_task.subtask(r.prompt) == name]
+              for name in lab_task.SUBTASKS}
     entry = {
         "test_accuracy": result["accuracy"], "format_rate": result["format_rate"],
         "mean_response_length": result["mean_response_length"], "truncated_rate": result["truncated_rate"],
         "parameters": num_parameters(model), "size": SIZES[kind], "recipe": asdict(recipe), "seed": seed,
         "steps": len(losses), "final_loss": sum(losses[-10:]) / len(losses[-10:]),
         "probe_accuracy": probe_accuracy,
+        "subtask_accuracy": {name: sum(oks) / max(len(oks), 1) for name, oks in halves.items()},
+        **({"subtask": half} if half is not None else {}),
         "train_seconds": round(t_train, 1), "eval_seconds": round(time.perf_counter() - t0 - t_train, 1),
+        "torch_threads": torch.get_num_threads(),
     }
-    tqdm.write(f"{kind}: test accuracy {result['accuracy']:.3f}, format {result['format_rate']:.3f}, "
-               f"{len(losses)} steps")
+    tqdm.write(f"{kind}: test accuracy {result['accuracy']:.3f} (sum {entry['subtask_accuracy']['sum']:.3f}, prod "
+               f"{entry['subtask_accuracy']['prod']:.3f}), format {result['format_rate']:.3f}, {len(losses)} steps")
     return model, processor, entry
 
 
 def bootstrap(out: str | Path = ASSETS_DIR, *, seed: int = 0, n_train: int = 8000, n_test: int = 1000,
-              threads: int | None = 1, kinds: tuple[str, ...] = ("teacher", "student")) -> dict:
+              threads: int | None = 1, kinds: tuple[str, ...] = KINDS) -> dict:
     """Write the task, then SFT, evaluate and save (model + processor) each of ``kinds`` under ``out/<kind>``.
 
     ``out/bootstrap.json`` records accuracies, steps, seeds and task parameters; bootstrapping one kind keeps
@@ -236,9 +258,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (0: torch's default). The shipped weights were made with 2; with 2 "
                              "threads a run is 10-25x slower whenever another process holds one of two cores")
-    parser.add_argument("--only", choices=["teacher", "student"], help="bootstrap one model only")
+    parser.add_argument("--only", choices=KINDS, help="bootstrap one model only")
     args = parser.parse_args(argv)
-    kinds = (args.only,) if args.only else ("teacher", "student")
+    kinds = (args.only,) if args.only else KINDS
     return bootstrap(args.out, seed=args.seed, threads=args.threads, kinds=kinds)
 
 

@@ -35,6 +35,9 @@ CELL = IMAGE_SIZE // 2
 MULTIPLIERS = tuple(range(2, 10))
 OPERATIONS = ("sum_times", "prod_plus")
 CELL_PAIRS = tuple(itertools.combinations(range(4), 2))  # cells in reading order: 0 1 / 2 3
+# The task's two halves, one per operation: the two-teacher lab run (``gndpo lab --teachers``) routes each item to
+# the specialist of its half.
+SUBTASKS = {"sum": "sum_times", "prod": "prod_plus"}
 
 # Bold seven-segment digits filling one 8x8 vision patch: segment -> (x0, y0, x1, y1), inclusive pixel box.
 # A digit inside a single patch is linearly readable from the patch embedding, so even a vision tower that
@@ -80,6 +83,14 @@ class Item:
             p = self.a * self.b
             steps = f"{self.a}*{self.b}={p},{p}+{self.k}={p + self.k}"
         return f"<think>{steps}</think> \\boxed{{{self.answer()}}}"
+
+
+def subtask(problem: str) -> str:
+    """The half of the task (a key of SUBTASKS) a question belongs to, read from its text."""
+    for name, prefix in (("sum", "Digit sum times"), ("prod", "Digit product plus")):
+        if problem.startswith(prefix):
+            return name
+    raise ValueError(f"not a lab question: {problem!r}")
 
 
 def all_items() -> list[Item]:

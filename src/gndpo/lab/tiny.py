@@ -55,6 +55,10 @@ SIZES = {
     "teacher": dict(v_hidden=64, v_layers=2, hidden=128, layers=4, mlp=384, heads=4, kv_heads=2),
     "student": dict(v_hidden=32, v_layers=1, hidden=64, layers=2, mlp=256, heads=2, kv_heads=1),
 }
+# The two specialist teachers of the two-teacher lab run (one per half of the task): 0.39 M parameters each, so
+# the shipped pair adds 3 MB, not the 7 MB of two full-size teachers.
+SIZES["teacher_sum"] = SIZES["teacher_prod"] = dict(v_hidden=48, v_layers=1, hidden=96, layers=3, mlp=288, heads=4,
+                                                    kv_heads=2)
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:

@@ -16,11 +16,14 @@ class TeacherScores:
     ``logprobs`` (B, R) float32: the teacher's log-prob of each sampled token (``-inf`` kept: a token it rules
     out). ``topk_ids`` / ``topk_logprobs`` (B, R, K): its K most likely tokens at each response position and their
     log-probs, descending, when the teacher was built with ``topk=K > 0`` (else None). All 0 outside
-    ``response_mask``."""
+    ``response_mask``. ``teacher_ids`` (B,) long: which of several teachers (a
+    :class:`gndpo.teacher.composite.RoutedTeacher`'s, in its order) scored each response; None for one teacher.
+    It stays on this side of the wire: a served teacher is one teacher."""
 
     logprobs: torch.Tensor
     topk_ids: torch.Tensor | None = None
     topk_logprobs: torch.Tensor | None = None
+    teacher_ids: torch.Tensor | None = None
 
     @property
     def topk(self) -> int:
@@ -29,7 +32,7 @@ class TeacherScores:
     def select(self, index) -> "TeacherScores":
         """The scores of responses ``index`` (as :meth:`gndpo.rollout.base.Rollouts.select`)."""
         return TeacherScores(*(None if x is None else x[index] for x in (self.logprobs, self.topk_ids,
-                                                                          self.topk_logprobs)))
+                                                                          self.topk_logprobs, self.teacher_ids)))
 
 
 class Teacher(Protocol):
