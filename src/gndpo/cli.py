@@ -452,6 +452,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "GNDPO with batch vs running statistics, normal and stress; ~12 min on 2 cores")
     p.add_argument("--eval-every", type=int, default=None, metavar="N", help="also evaluate every N-th step's "
                    "checkpoint of each run (default: the last step only; 60 with --long)")
+    p.add_argument("--teachers", action="store_true", help="also run GNDPO with two specialist teachers, one per half "
+                   "of the task, against one teacher for both (docs/LAB.md)")
+    p.add_argument("--self-distill", action="store_true", help="also run GNDPO self-distillation: the student as "
+                   "its own teacher, given the reference answer as privileged context (docs/LAB.md)")
     p.add_argument("--jobs", type=int, default=None, metavar="N", help="worker processes for the runs and "
                    "evaluations, one torch thread each (default: one per CPU core); 1 = in sequence, in this process")
     p.add_argument("--seed", type=int, default=0, help="bootstrap: task/model seed")

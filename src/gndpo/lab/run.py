@@ -38,6 +38,7 @@ from typing import Callable
 
 from gndpo.config import RunConfig
 from gndpo.errors import GndpoError
+from gndpo.lab import teachers as lab_teachers
 
 log = logging.getLogger("gndpo")
 
@@ -75,7 +76,9 @@ class LabPlan:
     stress_overrides: tuple[str, ...] = ("rollout.temperature=1.6",)
     eval_every: int = 0  # also evaluate the checkpoints of every N-th step (0: the final one only)
     overrides: tuple[str, ...] = ()  # applied to every run (--small-batch)
-    setting: str = "default"  # default, or those of dense, long, small-batch it ran: what results.md says
+    setting: str = "default"  # default, or those of dense, long, small-batch, teachers, self-distill it ran
+    teachers: bool = False  # the two-teacher runs (gndpo.lab.teachers)
+    self_distill: bool = False  # the self-distillation runs (gndpo.lab.teachers)
 
 
 @dataclass(frozen=True)
@@ -103,11 +106,14 @@ def plan_from_args(args) -> LabPlan:
         raise GndpoError("--seeds and --steps must be >= 1")
     if eval_every < 0:
         raise GndpoError(f"--eval-every must be >= 0 (got {eval_every}); 0 evaluates the final checkpoint only")
-    setting = ", ".join(name for name, on in (("dense", dense), ("long", long), ("small-batch", small)) if on) \
+    teachers, self_distill = bool(getattr(args, "teachers", False)), bool(getattr(args, "self_distill", False))
+    setting = ", ".join(name for name, on in (("dense", dense), ("long", long), ("small-batch", small),
+                                              ("teachers", teachers), ("self-distill", self_distill)) if on) \
         or "default"
     return LabPlan(seeds=seeds, steps=steps or 0, n_train=2000 if quick else 8000, n_test=64 if quick else 1000,
                    methods=methods, stress=bool(getattr(args, "stress", False)) or small, eval_every=eval_every,
-                   overrides=SMALL_BATCH if small else (), setting=setting)
+                   overrides=SMALL_BATCH if small else (), setting=setting, teachers=teachers,
+                   self_distill=self_distill)
 
 
 def eval_steps(total_steps: int, every: int) -> list[int]:
@@ -172,6 +178,7 @@ def lab_tasks(plan: LabPlan, data_dir: Path, runs_dir: Path) -> list[LabTask]:
     if plan.stress:  # the plan's distillation methods: sampling hot stresses the teacher-student log-ratio
         runs += [(m, s, plan.stress_overrides, "-stress") for m in plan.methods if m != "gspo"
                  for s in range(plan.seeds)]
+    runs += lab_teachers.runs(plan, data_dir, assets_dir())  # --teachers, --self-distill
     tasks = [LabTask(f"{m}{tag}-seed{s}", run_config(m, s, plan, data_dir, runs_dir, extra, tag))
              for m, s, extra, tag in runs]
     return tasks + [LabTask("student"), LabTask("teacher")]
@@ -546,10 +553,12 @@ def lab_main(args) -> int:
         results_md += ("\nPer-token view of the stress runs (which tokens carry extreme log-ratios, and what GNDPO's "
                        "normalization does to them): [inspect_stress.html](inspect_stress.html), written by "
                        "`gndpo inspect`.\n")
+    teachers_md, teachers_numbers = lab_teachers.report(plan, runs, data_dir, assets_dir())
+    results_md += teachers_md
     (out / "results.md").write_text(results_md)
     (out / "results.json").write_text(json.dumps({"base": base, "teacher": teacher, "runs": runs, "table": table,
-                                                  "wall_seconds": wall, "jobs": jobs, "plan": plan.__dict__},
-                                                 indent=2))
+                                                  "wall_seconds": wall, "jobs": jobs, "plan": plan.__dict__,
+                                                  **teachers_numbers}, indent=2))
     plot_run_dirs([r["run_dir"] for r in runs], out / "dynamics.png", labels=[r["method"] for r in runs],
                   aggregate_seeds=plan.seeds > 1)
     figures = [out / "dynamics.png"]
