@@ -52,7 +52,7 @@ def test_the_options_add_valid_runs_routed_by_half(tmp_path):
                    self_distill=True)
     tasks = lab_tasks(plan, tmp_path, tmp_path / "runs")  # every config validated by load_config
     names = [t.name for t in tasks]
-    for tag in ("-2teachers", "-2teachers-per_teacher", "-sum_teacher", "-self", "-self-initial"):
+    for tag in ("-2teachers", "-2teachers-per_teacher", "-sum_teacher", "-self", "-self-initial", "-self-in-prompt"):
         assert [f"gndpo{tag}-seed0", f"gndpo{tag}-seed1"] == [n for n in names if n.startswith(f"gndpo{tag}-seed")]
     by_name = {t.name: t.cfg for t in tasks}
     two = by_name["gndpo-2teachers-seed1"]
@@ -62,7 +62,9 @@ def test_the_options_add_valid_runs_routed_by_half(tmp_path):
     assert by_name["gndpo-sum_teacher-seed0"].teacher.path.endswith("teacher_sum") and not by_name[
         "gndpo-sum_teacher-seed0"].teachers
     own = by_name["gndpo-self-initial-seed0"].teacher
-    assert (own.path, own.context, own.self_weights) == ("self", lab_teachers.SELF_CONTEXT, "initial")
+    assert (own.path, own.context, own.self_weights, own.context_at) == ("self", lab_teachers.SELF_CONTEXT, "initial",
+                                                                         "system")
+    assert by_name["gndpo-self-in-prompt-seed1"].teacher.context_at == "prompt"
     rows = [json.loads(line) for line in open(tmp_path / lab_teachers.ROUTED_TRAIN)]
     assert len(rows) == 20 and all(r["teacher"] == task.subtask(r["problem"]) for r in rows)
     assert {r["teacher"] for r in rows} == {"sum", "prod"}
@@ -78,5 +80,9 @@ def test_report_tables():
     assert "| base student | 30.0 | 35.0 | 25.0 |" in md
     assert "| gndpo-2teachers | 70.0 ± 14.1 | 80.0 ± 14.1 | 60.0 ± 14.1 |" in md
     assert "gndpo-self" not in md and "per_teacher" not in md  # runs that did not happen have no row
-    md = lab_teachers.self_section(runs, 2)
+    preference = {"responses": 8, "right": 2, "system": {"reward_mean": -0.5, "right": -0.25, "wrong": -0.5,
+                                                         "clamp_frac": 0.05},
+                  "prompt": {"reward_mean": -1.0, "right": -1.5, "wrong": -0.75, "clamp_frac": 0.1}}
+    md = lab_teachers.self_section(runs, 2, preference)
     assert "| gndpo-self | 20.0 ± 14.1 | 10.0 / 30.0 | 2.00 |" in md and "| gndpo | 45.0 ± 7.1 |" in md
+    assert "| before the question | -1.000 | -1.500 | -0.750 | 10.0 % |" in md and "8 responses" in md

@@ -8,8 +8,10 @@ default GSPO/OPD/GNDPO comparison and through the same trainer.
   with per-teacher statistics (``algorithm.teacher_norm=per_teacher``), against GNDPO with one specialist
   (``teacher_sum``) for both halves. Accuracy is reported per half.
 - ``--self-distill``: GNDPO with the student as its own teacher (``teacher.path=self``) given the reference answer
-  as privileged context (``"Reference answer: {answer}"`` before the question), on the current weights and on a
-  frozen copy of the starting ones, next to the default table's OPD and GNDPO with the real teacher.
+  as privileged context (``"Reference answer: {answer}"``): in the system prompt, on the current weights and on
+  a frozen copy of the starting ones, and before the question (after the image) on the current weights; next to
+  the default table's OPD and GNDPO with the real teacher. The report adds what the privileged teacher says about
+  the base student's own samples, right and wrong (:func:`context_preference`).
 
 Every run uses the GNDPO lab recipe (``configs/lab/gndpo.yaml``) unchanged but for the teacher.
 """
@@ -51,8 +53,49 @@ def runs(plan, data_dir: Path, assets: Path) -> list[tuple[str, int, tuple[str, 
         out += [("gndpo", s, extra, tag) for tag, extra in variants for s in range(plan.seeds)]
     if plan.self_distill:
         self_ = ("teacher.path=self", f'teacher.context="{SELF_CONTEXT}"')
-        variants = [("-self", self_), ("-self-initial", (*self_, "teacher.self_weights=initial"))]
+        variants = [("-self", (*self_, "teacher.context_at=system")),
+                    ("-self-initial", (*self_, "teacher.context_at=system", "teacher.self_weights=initial")),
+                    ("-self-in-prompt", (*self_, "teacher.context_at=prompt"))]
         out += [("gndpo", s, extra, tag) for tag, extra in variants for s in range(plan.seeds)]
+    return out
+
+
+def context_preference(student_dir: Path, data_dir: Path, *, prompts: int = 128, n: int = 4, seed: int = 0) -> dict:
+    """What the student as its own privileged teacher says about the student's own samples: ``n`` samples (T = 1)
+    of each of the first ``prompts`` train prompts, scored by the student without and with the context at each
+    place; per place the mean token reward ``clamp(r_t, -5, 5)`` over all tokens, its per-response mean over right
+    and over wrong responses, and the clamped fraction. A teacher that knows the answer should prefer the right
+    responses (a higher mean on them)."""
+    import torch
+
+    from gndpo.data.loaders import load_records
+    from gndpo.forward import rollout_logprobs
+    from gndpo.lab.task import LAB_MAX_NEW_TOKENS, LAB_SUFFIX
+    from gndpo.models import load_model
+    from gndpo.rewards import get_reward
+    from gndpo.rollout.base import SamplingParams
+    from gndpo.rollout.hf import HFRollout
+    from gndpo.teacher.context import ContextTeacher
+    from gndpo.teacher.hf import HFTeacher
+
+    student = load_model(str(student_dir), what="student", device="cpu")
+    records = load_records(str(data_dir / "train.jsonl"), id_key="id")[:prompts]
+    ro = HFRollout(student.model, student.processor, suffix=LAB_SUFFIX).generate(
+        records, SamplingParams(n=n, max_new_tokens=LAB_MAX_NEW_TOKENS, seed=seed))
+    right = torch.tensor(get_reward("math")(ro.texts, [ro.records[int(i)].answer for i in ro.prompt_index])) > 0
+    mask = ro.response_mask
+    with torch.no_grad():
+        own = rollout_logprobs(student.model, student.processor, ro, micro_batch_size=64, suffix=LAB_SUFFIX,
+                               system_prompt=None)
+    out = {"responses": ro.size, "right": int(right.sum())}
+    for at in ("system", "prompt"):
+        teacher = ContextTeacher(HFTeacher(student.model, student.processor, suffix=LAB_SUFFIX, micro_batch_size=64),
+                                 SELF_CONTEXT, at)
+        ratio = teacher.score(ro).logprobs - own  # (B, R)
+        r = ratio.clamp(-5, 5)
+        per_response = (r * mask).sum(-1) / mask.sum(-1).clamp(min=1)  # (B,)
+        out[at] = {"reward_mean": float(r[mask].mean()), "right": float(per_response[right].mean()),
+                   "wrong": float(per_response[~right].mean()), "clamp_frac": float((ratio.abs()[mask] > 5).float().mean())}
     return out
 
 
@@ -106,18 +149,29 @@ def teachers_section(runs_: list[dict], halves: dict[str, dict], base: dict[str,
     return "\n".join(lines) + "\n"
 
 
-def self_section(runs_: list[dict], seeds: int) -> str:
+def self_section(runs_: list[dict], seeds: int, preference: dict | None = None) -> str:
     lines = ["", "## Self-distillation with the reference answer as privileged context", "",
-             f"The student as its own teacher (`teacher.path=self`, context `{SELF_CONTEXT}` before the question) "
-             f"on its current weights and on a frozen copy of its starting weights, next to distillation from the "
+             f"The student as its own teacher (`teacher.path=self`, context `{SELF_CONTEXT}`): in the system prompt "
+             f"on its current weights (gndpo-self) and on a frozen copy of its starting weights (gndpo-self-initial), "
+             f"and before the question on its current weights (gndpo-self-in-prompt), next to distillation from the "
              f"real teacher; greedy test accuracy (%), mean ± std over {seeds} seed(s).", "",
              "| run | accuracy | per seed | max grad-norm |", "|---|---|---|---|"]
-    for method in ("opd", "gndpo", "gndpo-self", "gndpo-self-initial"):
+    for method in ("opd", "gndpo", "gndpo-self", "gndpo-self-initial", "gndpo-self-in-prompt"):
         rs = sorted((r for r in runs_ if r["method"] == method), key=lambda r: r["seed"])
         if rs:
             per_seed = " / ".join(f"{100 * r['accuracy']:.1f}" for r in rs)
             gn = sum(r["grad_norm_max"] for r in rs) / len(rs)
             lines.append(f"| {method} | {_cell([r['accuracy'] for r in rs])} | {per_seed} | {gn:.2f} |")
+    if preference:
+        lines += ["", f"What the privileged teacher says about the base student's own samples ({preference['responses']} "
+                  f"responses at T = 1 to the first train prompts, {preference['right']} of them right): the token "
+                  "reward clamp(log p(o | x, context) - log p(o | x), -5, 5), its mean per response over right and "
+                  "over wrong responses, and the clamped fraction.", "",
+                  "| context | mean reward | right responses | wrong responses | clamped |", "|---|---|---|---|---|"]
+        for at, label in (("system", "system prompt"), ("prompt", "before the question")):
+            p = preference[at]
+            lines.append(f"| {label} | {p['reward_mean']:.3f} | {p['right']:.3f} | {p['wrong']:.3f} | "
+                         f"{100 * p['clamp_frac']:.1f} % |")
     return "\n".join(lines) + "\n"
 
 
@@ -140,5 +194,6 @@ def report(plan, runs_: list[dict], data_dir: Path, assets: Path) -> tuple[str, 
         md += f"\n(Per-half evaluations of {len(base) + len(halves)} models after the runs: {seconds:.0f} s.)\n"
         numbers["halves"] = {"base": base, "runs": halves, "seconds": seconds}
     if plan.self_distill:
-        md += self_section(runs_, plan.seeds)
+        numbers["self_preference"] = context_preference(assets / "student", data_dir)
+        md += self_section(runs_, plan.seeds, numbers["self_preference"])
     return md, numbers
