@@ -562,7 +562,7 @@ def teacher_sections(cfg: RunConfig) -> list[tuple[str, TeacherConfig]]:
     return [("teacher", cfg.teacher)]
 
 
-def _check_teacher(te: TeacherConfig, where: str, distills: bool) -> None:
+def _check_teacher(te: TeacherConfig, where: str, advantage: str) -> None:
     from gndpo.teacher.context import template_fields
 
     _check(te.micro_batch_size >= 1, f"{where}.micro_batch_size must be >= 1")
@@ -571,7 +571,7 @@ def _check_teacher(te: TeacherConfig, where: str, distills: bool) -> None:
     _check(te.connect_timeout >= 0, f"{where}.connect_timeout must be >= 0 seconds (0 = do not wait)")
     if te.context is not None:
         template_fields(te.context, where=f"{where}.context")
-    if not distills:
+    if advantage not in DISTILLATION_ESTIMATORS:
         return
     if te.path == "self":
         _check(te.context is not None, f"{where}.path=self needs {where}.context, the privileged context only the "
@@ -586,7 +586,8 @@ def _check_teacher(te: TeacherConfig, where: str, distills: bool) -> None:
         _check(bool(te.url) and str(te.url).startswith(("http://", "https://")),
                f"{where}.backend=server needs {where}.url=http://HOST:PORT (a gndpo serve-teacher or vLLM server)")
     elif where == "teacher":
-        _check(bool(te.path), "teacher.path is required by distillation (or teacher.backend=server with teacher.url)")
+        _check(bool(te.path), f"teacher.path is required by algorithm.advantage={advantage} (or teacher.backend=server "
+                              "with teacher.url)")
     else:
         _check(bool(te.path), f"{where} ({te.name!r}) has neither path nor url: set {where}.path to a model, or "
                               f"{where}.backend=server and {where}.url")
@@ -595,9 +596,8 @@ def _check_teacher(te: TeacherConfig, where: str, distills: bool) -> None:
 def _check_teachers(cfg: RunConfig) -> None:
     """Each teacher's keys, and the rules of several teachers (routing, per-teacher statistics)."""
     a, d = cfg.algorithm, cfg.data
-    distills = a.advantage in DISTILLATION_ESTIMATORS
     for where, te in teacher_sections(cfg):
-        _check_teacher(te, where, distills)
+        _check_teacher(te, where, a.advantage)
     if not cfg.teachers:
         for key in ("teacher_key", "default_teacher"):
             _check(getattr(d, key) is None, f"data.{key} routes examples to the teachers of a teachers: list, which "
