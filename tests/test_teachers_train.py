@@ -125,7 +125,7 @@ def test_bad_routes_and_contexts_are_one_line_before_any_model_loads(tiny_dir, r
                                                        for i, r in enumerate(rows)])
     base = ["train", "model.path=/nonexistent/model", "data.image_key=null", "trainer.device=cpu",
             f"trainer.output_dir={tmp_path / 'run'}", "logging.progress=false"]
-    teachers = f"teachers=[{{name: big, path: /x}}, {{name: small, path: /y}}]"
+    teachers = "teachers=[{name: big, path: /x}, {name: small, path: /y}]"
     cases = [
         ([f"data.train={unknown}", teachers, "data.teacher_key=teacher"],
          ["names the teacher 'huge'", "(big, small)", "record 0 of data.train"]),

@@ -10,7 +10,7 @@ import torch
 from gndpo.data.records import PromptRecord
 from gndpo.errors import ConfigError, DataError
 from gndpo.forward import ResponseScorer, encode_prompts, rollout_logprobs
-from gndpo.models import load_model, tokenizer_fingerprint
+from gndpo.models import load_model
 from gndpo.rollout.base import SamplingParams
 from gndpo.rollout.hf import HFRollout
 from gndpo.serve import encode_logprobs
