@@ -138,5 +138,12 @@ def test_bad_routes_and_contexts_are_one_line_before_any_model_loads(tiny_dir, r
     for args, needles in cases:
         rc, _, err = run_cli(base + args, capsys)
         assert_one_line_error(rc, err, *needles)  # not "model path not found": no model was looked for
+    # every teacher of the list is checked against the student's tokenizer at start
+    rc, _, err = run_cli(["train", f"model.path={tiny_dir / 'text_student'}", f"data.train={routed}",
+                          "data.image_key=null", "trainer.device=cpu", f"trainer.output_dir={tmp_path / 'tok'}",
+                          "logging.progress=false", "data.teacher_key=teacher",
+                          f"teachers=[{{name: big, path: \"{tiny_dir / 'text_teacher'}\"}}, "
+                          f"{{name: small, path: \"{tiny_dir / 'text_other_tok'}\"}}]"], capsys)
+    assert_one_line_error(rc, err, "vocabularies differ")
     with pytest.raises(ConfigError, match="dist.shard_teacher is not supported with a teachers: list"):
         load_config(None, ["model.path=m", "data.train=d", teachers, "data.teacher_key=t", "dist.shard_teacher=true"])
