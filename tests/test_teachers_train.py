@@ -147,3 +147,7 @@ def test_bad_routes_and_contexts_are_one_line_before_any_model_loads(tiny_dir, r
     assert_one_line_error(rc, err, "vocabularies differ")
     with pytest.raises(ConfigError, match="dist.shard_teacher is not supported with a teachers: list"):
         load_config(None, ["model.path=m", "data.train=d", teachers, "data.teacher_key=t", "dist.shard_teacher=true"])
+    with pytest.raises(ConfigError, match="algorithm.teacher_norm=per_teacher and algorithm.norm_stats=running both "
+                                          "replace the batch statistics"):
+        load_config(None, ["model.path=m", "data.train=d", teachers, "data.teacher_key=t",
+                           "algorithm.teacher_norm=per_teacher", "algorithm.norm_stats=running"])

@@ -189,9 +189,11 @@ def test_matches_literal_verl_formula(seed, batch, length):
     adv, _ = gndpo(teacher_logprobs=teacher, student_logprobs=student, response_mask=mask)
     # When every valid reward clamps to the same bound the variance is 0 and the 1e-8 in the mean's
     # denominator, times rsqrt(1e-8) = 1e4, leaves ~1e-4 that the float32 reference rounds away; gndpo's
-    # float64 statistics keep it. The float64 comparison below covers that case exactly.
+    # float64 statistics keep it. More generally the float32 reference's rounding of r (~3e-7 at |r| = 5) is
+    # divided by the rewards' spread: below a spread of ~0.1 it exceeds the tolerance (seed 8444, one response of
+    # two tokens, failed so). The float64 comparison below covers every case exactly.
     r = torch.clamp(teacher - student, -5, 5)[mask.bool()]
-    if float(r.max() - r.min()) > 1e-3:
+    if float(r.max() - r.min()) > 0.1:
         torch.testing.assert_close(adv, official_gndpo(teacher, student, mask), atol=1e-6, rtol=1e-5)
     t64, s64, m64 = teacher.double(), student.double(), mask.double()
     adv64, _ = gndpo(teacher_logprobs=t64, student_logprobs=s64, response_mask=m64)
