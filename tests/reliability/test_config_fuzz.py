@@ -17,8 +17,11 @@ from gndpo.errors import ConfigError
 def known_keys() -> list[str]:
     keys = []
     for section in dataclasses.fields(RunConfig):
-        for f in dataclasses.fields(section.type if isinstance(section.type, type) else
-                                    type(getattr(RunConfig(), section.name))):
+        default = getattr(RunConfig(), section.name)
+        if not dataclasses.is_dataclass(default):  # a list section (teachers:): fuzz its whole value
+            keys.append(section.name)
+            continue
+        for f in dataclasses.fields(default):
             keys.append(f"{section.name}.{f.name}")
     return keys
 
