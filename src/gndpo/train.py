@@ -42,7 +42,10 @@ from gndpo.forward import ResponseScorer, encode_each, pad_token_id, prompt_leng
 from gndpo.guards import BAD_KEYS, SignalFlag, nonfinite_counts
 from gndpo.lora import apply_lora
 from gndpo.models import configure_images, dtype_name, load_model, resolve_device, student_dtypes, tokenizer_of
-from gndpo.objective import dense_reward, divergence, divergence_metrics, micro_batch_loss
+from gndpo.objective import (
+    CandidateAdvantages, candidate_step, dense_reward, divergence, divergence_metrics, micro_batch_loss,
+    token_advantages,
+)
 from gndpo.report.loggers import MultiLogger, build_loggers
 from gndpo.report.outliers import OutlierReport
 from gndpo.rewards import get_reward
@@ -61,9 +64,10 @@ class StepRecord:
     old_logprobs: torch.Tensor  # (B, R)
     teacher_logprobs: torch.Tensor | None  # (B, R)
     outcome_rewards: torch.Tensor  # (B,)
-    advantages: torch.Tensor  # (B, R)
+    advantages: torch.Tensor  # (B, R); dense_mode=reward: its sampled token's candidate's (token_advantages)
     metrics: dict = field(default_factory=dict)
     divergence: torch.Tensor | None = None  # (B, R): the top-k divergence per token (algorithm.distill=topk)
+    candidates: CandidateAdvantages | None = None  # dense_mode=reward: every candidate's advantage (B, R, K + 1)
 
 
 def resolve_suffix(value: str) -> str | None:
@@ -105,14 +109,17 @@ def compute_step_advantages(cfg: RunConfig, rollouts: Rollouts, old_lp: torch.Te
     if old_stats is not None and old_stats.gathered is not None:  # dense: D_t under the pre-update student
         values = divergence(cfg, teacher.topk_logprobs, old_stats)
         div, extra = values[0], dist.pool(sums=divergence_metrics(values, mask))
-    token_reward = -div if dense_reward(cfg) and div is not None else None
-    norm, norm_metrics = running_step(norm, a.norm_decay, teacher.logprobs, old_lp, mask, a.reward_clamp, reduce,
-                                      token_reward) if a.norm_stats == "running" else (None, {})
+    if dense_reward(cfg):  # a reward for every candidate of the teacher's top-k and tail (objective.py)
+        adv, metrics, norm = candidate_step(cfg, rollouts.response_ids, mask, teacher, old_stats, reduce, norm,
+                                            rollouts.prompt_index)
+        return adv, {**metrics, **extra}, div, norm
+    norm, norm_metrics = running_step(norm, a.norm_decay, teacher.logprobs, old_lp, mask, a.reward_clamp,
+                                      reduce) if a.norm_stats == "running" else (None, {})
     # several teachers: per-teacher metrics, and per-teacher statistics with algorithm.teacher_norm=per_teacher
     scope = "teacher" if a.teacher_norm == "per_teacher" else a.scope
     adv, metrics = compute_advantages(a.advantage, teacher_logprobs=teacher.logprobs, student_logprobs=old_lp,
                                       response_mask=mask, clamp=a.reward_clamp, scope=scope, reduce=reduce,
-                                      group_ids=rollouts.prompt_index, token_reward=token_reward, moments=norm,
+                                      group_ids=rollouts.prompt_index, moments=norm,
                                       teacher_ids=teacher.teacher_ids, teacher_names=tuple(t.name for t in cfg.teachers))
     return adv, {**metrics, **extra, **norm_metrics}, div, norm
 
@@ -143,7 +150,8 @@ def backward_micro_batches(cfg: RunConfig, model, rollouts: Rollouts, encoded: S
 
 
 def top_token_grad_share(cfg: RunConfig, model, rollouts: Rollouts, encoded: Sequence[dict], old_lp, advantages, *,
-                         pad_id: int, dist: DistContext, top_frac: float = 0.01) -> float:
+                         pad_id: int, dist: DistContext, top_frac: float = 0.01,
+                         teacher: TeacherScores | None = None) -> float:
     """Opt-in diagnostic (``logging.outlier_grad_share``): the gradient norm of this step's loss restricted to the
     1 % of tokens with the largest |A_t|, over the norm of the whole loss, at the pre-update weights. Two extra
     backward passes; gradients are cleared after."""
@@ -159,7 +167,7 @@ def top_token_grad_share(cfg: RunConfig, model, rollouts: Rollouts, encoded: Seq
         for p in params:
             p.grad = None
         backward_micro_batches(cfg, model, rollouts, encoded, seq, old_lp, adv, totals, pad_id=pad_id,
-                               with_entropy=False)
+                               with_entropy=False, teacher=teacher)
         norms.append(clip_grad_norm(params, math.inf, dist))
     for p in params:
         p.grad = None
@@ -392,7 +400,7 @@ def train(cfg: RunConfig, *, dist: DistContext = LOCAL,
             if not skip:
                 advantages, adv_metrics, div, new_norm = compute_step_advantages(cfg, rollouts, old_lp, scores, outcome,
                                                                                  dist, old_stats, norm)
-                bad.update(nonfinite_counts(rollouts.response_mask, old_lp, teacher_lp, advantages))
+                bad.update(nonfinite_counts(rollouts.response_mask, old_lp, teacher_lp, token_advantages(advantages)))
                 skip = dist.pool(maxima={"bad": float(any(bad.values()))})["bad"]
                 norm = norm if skip else new_norm  # a skipped step leaves the running statistics as they were
             t_adv = time.perf_counter()
@@ -402,7 +410,8 @@ def train(cfg: RunConfig, *, dist: DistContext = LOCAL,
             else:
                 if cfg.logging.outlier_grad_share:
                     adv_metrics["outlier/top1pct_grad_share"] = top_token_grad_share(
-                        cfg, scorer, rollouts, encoded, old_lp, advantages, pad_id=pad_token_id(processor), dist=dist)
+                        cfg, scorer, rollouts, encoded, old_lp, advantages, pad_id=pad_token_id(processor), dist=dist,
+                        teacher=scores)
                 upd = update_policy(cfg, scorer, optimizer, scheduler, rollouts, encoded, old_lp, advantages,
                                     pad_id=pad_token_id(processor), dist=dist, generator=minibatch_gen, teacher=scores)
             bad["bad/gradients"] = float(upd["update_skipped"] > 0 and not any(bad.values()))
@@ -417,7 +426,8 @@ def train(cfg: RunConfig, *, dist: DistContext = LOCAL,
                        "time/advantages": t_adv - t_reward, "time/update": t_update - t_adv, **bad,
                        "bad_step": float(any(bad.values()))}
             for cb in (outliers, *callbacks):
-                cb(StepRecord(step + 1, rollouts, old_lp, teacher_lp, outcome, advantages, metrics, div))
+                cb(StepRecord(step + 1, rollouts, old_lp, teacher_lp, outcome, token_advantages(advantages), metrics,
+                              div, advantages if isinstance(advantages, CandidateAdvantages) else None))
             done = step + 1
             # the same on every rank: a skipped step is skipped everywhere, and update_skipped follows the global norm
             bad_run = bad_run + 1 if metrics["bad_step"] else 0

@@ -93,5 +93,11 @@ def running_step(
     """One step's running statistics (to pass to the estimator as ``moments``, and to keep for the next step)
     and their metrics."""
     batch = reward_moments(teacher_logprobs, student_logprobs, response_mask, clamp, reduce, token_reward)
+    return join_step(previous, decay, batch)
+
+
+def join_step(previous: Moments | None, decay: float, batch: Moments) -> tuple[Moments, dict[str, float]]:
+    """:func:`running_step` from a batch's moments computed elsewhere (the candidate rewards of
+    ``algorithm.dense_mode=reward``, ``candidates.candidate_moments``)."""
     running = accumulate_moments(previous, batch, decay)
     return running, norm_metrics(batch, running)
