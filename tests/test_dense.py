@@ -1,6 +1,7 @@
 """Dense (top-k) distillation end to end on tiny models: the teacher's top-k, the divergence as a loss and as a
 GNDPO-normalized reward, each option changing the result, resume, and the one-line errors."""
 import json
+import math
 
 import pytest
 import torch
@@ -94,25 +95,40 @@ def test_the_hf_teacher_reports_its_topk_and_the_dense_loss_equals_a_full_softma
         torch.testing.assert_close(grad, dict(model.named_parameters())[name].grad, atol=1e-5, rtol=1e-4)
 
 
-def test_dense_reward_is_the_normalized_negative_divergence(tiny_dir, tmp_path):
+def test_dense_reward_gives_every_candidate_its_normalized_reward(tiny_dir, tmp_path):
+    """dense_mode=reward: each candidate of the teacher's top-k and tail gets -dD/dq under the pre-update student
+    (reverse KL: r = log p_T - log p_S), z-scored with expectations under the old student, A = (r - mu) / sigma;
+    the step's per-token advantage is the sampled token's candidate's. (core/candidates.py tests the gradient.)"""
     seen = []
     train(dense_cfg(tiny_dir, tmp_path / "r", "algorithm.dense_mode=reward", steps=1), callbacks=[seen.append])
-    rec = seen[0]
+    rec, row = seen[0], json.loads(open(tmp_path / "r" / "metrics.jsonl").readline())
     mask = rec.rollouts.response_mask
+    cand = rec.candidates
     assert rec.divergence is not None and bool((rec.divergence[mask] >= 0).all())
-    expected, _ = compute_advantages("gndpo", teacher_logprobs=rec.teacher_logprobs, student_logprobs=rec.old_logprobs,
-                                     response_mask=mask, clamp=5.0, token_reward=-rec.divergence)
-    torch.testing.assert_close(rec.advantages, expected)
-    # z-scored over the batch: mean 0 and, with var v of -D over every response token (no clamp reached here),
-    # variance v / (v + 1e-8): these near-uniform tiny models' divergences are ~1e-3, so the eps shows
-    d = rec.divergence[mask].double()
-    assert float(d.max()) < 5
-    v = float(d.var())
-    assert float(rec.advantages[mask].mean()) == pytest.approx(0.0, abs=1e-5)
-    assert float(rec.advantages[mask].double().var()) == pytest.approx(v / (v + 1e-8), rel=1e-4)
-    row = json.loads(open(tmp_path / "r" / "metrics.jsonl").readline())
+    assert cand.advantages.shape == cand.old_logprobs.shape == (*mask.shape, 6)  # topk 5 + the tail
+    log_q = cand.old_logprobs.double()[mask]  # (N, 6)
+    adv = cand.advantages.double()[mask]  # (N, 6)
+    n = len(adv)
+    assert log_q.exp().sum(-1).tolist() == pytest.approx([1.0] * n, abs=1e-5)
+    # expectations under the old student: mean 0 over the batch, second moment (N - 1) / N (the unbiased variance)
+    assert float((log_q.exp() * adv).sum()) / n == pytest.approx(0.0, abs=1e-5)
+    assert float((log_q.exp() * adv ** 2).sum()) / (n - 1) == pytest.approx(1.0, rel=1e-4)
+    # undo the normalization: log p_T = A sigma + mu + log q is the teacher's distribution over the buckets (sums to
+    # 1; no clamp reached on these near-uniform tiny models), and at a sampled token of the top-k its log-prob
+    assert row["clamp_frac"] == 0.0
+    sigma = math.sqrt(row["reward_std"] ** 2 + 1e-8)
+    log_p = adv * sigma + row["reward_mean"] + log_q  # (N, 6)
+    assert log_p.exp().sum(-1).tolist() == pytest.approx([1.0] * n, abs=1e-4)
+    sampled = cand.sampled[mask]
+    top = sampled < 5
+    assert bool(top.any())
+    torch.testing.assert_close(log_p.gather(-1, sampled[:, None].long())[:, 0][top],
+                               rec.teacher_logprobs[mask].double()[top], rtol=0, atol=1e-4)
+    # the record's per-token advantages are the sampled token's candidate's
+    torch.testing.assert_close(rec.advantages[mask].double(), adv.gather(-1, sampled[:, None].long())[:, 0])
     assert row["distill/divergence"] == pytest.approx(float(rec.divergence[mask].mean()), rel=1e-5)
     assert 0 <= row["distill/teacher_tail"] <= 1 and 0 <= row["distill/student_tail"] <= 1
+    assert row["grad_norm"] > 0 and math.isfinite(row["loss"]) and 0 < row["ratio_mean"] <= 1 + 1e-5
 
 
 def test_every_dense_option_changes_the_result(tiny_dir, tmp_path):

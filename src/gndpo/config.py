@@ -224,9 +224,12 @@ class AlgorithmConfig:
                          choices=("forward_kl", "reverse_kl", "jsd"))
     jsd_beta: float = _f(0.5, "algorithm.divergence=jsd: the mixture weight of the teacher, 0 < beta < 1.")
     dense_mode: str = _f("loss", "algorithm.distill=topk: loss = minimize the divergence directly (a supervised "
-                         "per-token loss on the student's logits, aggregated by loss_agg_mode); reward = its "
-                         "negative is the per-token reward, clamped, normalized as the method's (gndpo: over the "
-                         "batch, scope honoured) and the advantage of the policy loss.", choices=("loss", "reward"))
+                         "per-token loss on the student's logits, aggregated by loss_agg_mode); reward = a policy "
+                         "gradient over every candidate (top-k and tail): each gets the reward -dD/dp_student(c) "
+                         "under the pre-update student, clamped, normalized as the method's (gndpo: over the batch, "
+                         "moments expected under the old student, scope honoured), in a clipped surrogate summed "
+                         "over the candidates (docs/DENSE.md; algorithm.policy_loss does not apply).",
+                         choices=("loss", "reward"))
     teacher_norm: str = _f("batch", "With a teachers: list and algorithm.advantage=gndpo: batch = z-score the rewards "
                            "over every token of the batch, whatever teacher scored it (the paper's statistics); "
                            "per_teacher = over each teacher's tokens separately (all ranks), so a teacher whose "
