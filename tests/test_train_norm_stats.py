@@ -65,3 +65,27 @@ def test_running_statistics_in_the_loop_and_a_bit_equal_resume(tiny_dir, tmp_pat
         assert torch.equal(rec.advantages, paper) == (rec.step == 1), rec.step
     assert full_rows[0]["norm/running_std"] == full_rows[0]["norm/batch_std"]
     assert full_rows[3]["norm/running_std"] != full_rows[3]["norm/batch_std"]
+
+
+def test_dense_reward_mode_runs_the_candidate_moments_through_the_running_state(tiny_dir, tmp_path):
+    """algorithm.dense_mode=reward: the batch moments are those of every candidate's reward, expectations under the
+    old student; the running state joins them as it joins the sampled rewards', so the expected advantage of a
+    step is (batch mean - running mean) / running sigma: 0 at step 1, not after."""
+    import math
+
+    seen = []
+    dense = ["algorithm.distill=topk", "algorithm.topk=4", "algorithm.dense_mode=reward"]
+    train(make_cfg(tiny_dir, tmp_path / "dense", steps=2, extra=dense), callbacks=[seen.append])
+    got = rows(tmp_path / "dense")
+    for row in got:  # the running state's batch statistics are the estimator's own
+        assert row["norm/batch_mean"] == pytest.approx(row["reward_mean"], rel=1e-9)
+        assert row["norm/batch_std"] == pytest.approx(row["reward_std"], rel=1e-9)
+    assert got[1]["norm/running_count"] == pytest.approx(0.5 * got[0]["num_tokens"] + got[1]["num_tokens"])
+    for rec, row in zip(seen, got):
+        mask = rec.rollouts.response_mask
+        q = rec.candidates.old_logprobs.double().exp()[mask]
+        expected_adv = float((q * rec.candidates.advantages.double()[mask]).sum()) / int(mask.sum())
+        want = (row["norm/batch_mean"] - row["norm/running_mean"]) / math.sqrt(row["norm/running_std"] ** 2 + 1e-8)
+        assert expected_adv == pytest.approx(want, rel=1e-4, abs=1e-8)
+    assert got[0]["norm/running_mean"] == got[0]["norm/batch_mean"]
+    assert abs(want) > 1e-4  # step 2: the running mean is not the batch's, and the check above sees it
