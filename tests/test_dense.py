@@ -198,3 +198,15 @@ def test_the_inspector_can_colour_tokens_by_the_divergence(tiny_dir, tmp_path):
     assert resp["div"] == pytest.approx(expected, abs=1e-4)
     html = write_report([str(tmp_path / "run")], tmp_path / "page.html").read_text()
     assert 'value="div"' in html and '"div":' in html.replace(" ", "")
+
+
+@pytest.mark.parametrize("mode", ["loss", "reward"])
+def test_the_outlier_gradient_share_runs_in_both_dense_modes(tiny_dir, tmp_path, mode):
+    """logging.outlier_grad_share re-runs the update's backward, which needs the teacher's top-k in both modes. In
+    reward mode the top 1 % are the positions with the largest |A_t(c)| over their candidates, a part of the
+    gradient; the loss mode has no advantages to restrict, so its share is the whole (1)."""
+    train(dense_cfg(tiny_dir, tmp_path / mode, f"algorithm.dense_mode={mode}", "logging.outlier_grad_share=true",
+                    steps=1))
+    row = json.loads(open(tmp_path / mode / "metrics.jsonl").readline())
+    share = row["outlier/top1pct_grad_share"]
+    assert share == pytest.approx(1.0) if mode == "loss" else 0 < share < 1
