@@ -458,6 +458,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "its own teacher, given the reference answer as privileged context (docs/LAB.md)")
     p.add_argument("--jobs", type=int, default=None, metavar="N", help="worker processes for the runs and "
                    "evaluations, one torch thread each (default: one per CPU core); 1 = in sequence, in this process")
+    p.add_argument("--resume", action="store_true", help="keep every run that --out already holds finished with the "
+                   "same configuration (not trained again) and every evaluation it cached; train the others")
     p.add_argument("--seed", type=int, default=0, help="bootstrap: task/model seed")
     p.set_defaults(func=_lab)
 

@@ -20,6 +20,9 @@ two for these tiny models, so N workers on N cores is the fastest use of the mac
 deterministic given its seed (the sampler draws from keyed per-sample seeds), so a run gives the same metrics
 and weights in a worker as in sequence; results are gathered by task name, never by completion order.
 
+``--resume`` keeps the runs that ``--out`` already holds finished with the same configuration, and every cached
+evaluation (``gndpo.lab.resume``), so an interrupted lab goes on where it stopped.
+
 A grad-norm *spike* is a step whose pre-clip gradient norm exceeds 3x the median of its own run.
 """
 from __future__ import annotations
@@ -38,6 +41,7 @@ from typing import Callable
 
 from gndpo.config import RunConfig
 from gndpo.errors import GndpoError
+from gndpo.lab import resume as lab_resume
 from gndpo.lab import teachers as lab_teachers
 
 log = logging.getLogger("gndpo")
@@ -88,6 +92,7 @@ class LabTask:
 
     name: str
     cfg: RunConfig | None = None
+    reuse: bool = False  # --resume: its run directory already holds this run, finished; evaluate only
 
 
 def plan_from_args(args) -> LabPlan:
@@ -209,31 +214,44 @@ def norm_jitter(rows: list[dict]) -> float | None:
 
 
 def run_one(task: LabTask, data_dir: Path, report: Report, eval_every: int = 0) -> dict:
-    """Train ``task.cfg`` from scratch, then evaluate its final checkpoint (and every ``eval_every``-th)."""
+    """Train ``task.cfg`` from scratch (unless ``task.reuse``), then evaluate its final checkpoint (and every
+    ``eval_every``-th), each accuracy cached in the run directory as soon as it is measured."""
     from gndpo.report.loggers import read_metrics
     from gndpo.train import train
 
     cfg = task.cfg
     out = Path(cfg.trainer.output_dir)
-    if (out / "metrics.jsonl").exists():  # a re-run of the lab replaces its own earlier runs
-        import shutil
+    test, inputs = lab_resume.test_digest(data_dir), lab_resume.inputs_digest(data_dir, assets_dir())
+    if not task.reuse:
+        if (out / "metrics.jsonl").exists() or (out / lab_resume.EVAL_CACHE).exists():
+            import shutil  # a re-run of the lab replaces its own earlier runs
 
-        shutil.rmtree(out)
-    report("phase", task.name, "train")
-    start = time.perf_counter()
-    train(cfg, callbacks=[lambda record: report("step", task.name, record.step)])
-    train_s = time.perf_counter() - start
-    report("phase", task.name, "eval")
-    at = {step: evaluate(out / "checkpoints" / f"step-{step:06d}", data_dir)
-          for step in eval_steps(cfg.trainer.total_steps, eval_every)}
+            shutil.rmtree(out)
+        report("phase", task.name, "train")
+        start = time.perf_counter()
+        train(cfg, callbacks=[lambda record: report("step", task.name, record.step)])
+        train_s = time.perf_counter() - start
+    cache_file = out / lab_resume.EVAL_CACHE
+    cached = lab_resume.read_cache(cache_file, test=test, inputs=inputs)
+    at = {}
+    for step in eval_steps(cfg.trainer.total_steps, eval_every):
+        if str(step) not in cached:
+            report("phase", task.name, f"eval step {step}")
+            cached[str(step)] = evaluate(out / "checkpoints" / f"step-{step:06d}", data_dir)
+            lab_resume.write_cache(cache_file, cached, test=test, inputs=inputs)
+        at[step] = cached[str(step)]
     rows = read_metrics(out)
+    if task.reuse:
+        train_s = lab_resume.train_seconds(rows, cfg.trainer.total_steps)
     gn = [r["grad_norm"] for r in rows]
     loss = [r["loss"] for r in rows]
     normalizes = cfg.algorithm.scope == "batch"  # the reward z-scored over the batch (gndpo): its std's jitter
     return {"method": cfg.logging.run_name, "seed": cfg.trainer.seed, "accuracy": at[cfg.trainer.total_steps],
             "accuracy_at": at, "grad_norm_max": max(gn), "spikes": spikes(gn),
             "loss_std": statistics.pstdev(loss) if len(loss) > 1 else 0.0,
-            "norm_jitter": norm_jitter(rows) if normalizes else None, "train_seconds": train_s, "run_dir": str(out)}
+            "norm_jitter": norm_jitter(rows) if normalizes else None,
+            # a reused run's (--resume): the sum of its logged time/step, which leaves out the setup before step 1
+            "train_seconds": train_s, "reused": task.reuse, "run_dir": str(out)}
 
 
 def run_task(task: LabTask, data_dir: Path, report: Report, eval_every: int = 0) -> dict:
@@ -317,7 +335,7 @@ def _terminate(pool) -> None:
 def _schedule_rank(task: LabTask) -> int:
     """Lower starts first: longest first, so short tasks fill the tail instead of one long run finishing alone
     (a run scored by a teacher takes about 1.7x a GSPO run here, an evaluation a fraction of either)."""
-    if task.cfg is None:
+    if task.cfg is None or task.reuse:
         return 2
     return 1 if task.cfg.algorithm.advantage == "grpo" else 0
 
@@ -388,7 +406,8 @@ class Progress:
         from tqdm.auto import tqdm
 
         self.totals = {t.name: t.cfg.trainer.total_steps for t in tasks if t.cfg is not None}
-        self.bar = tqdm(total=sum(self.totals.values()), desc="lab", unit="step", dynamic_ncols=True)
+        done = sum(self.totals[t.name] for t in tasks if t.reuse)  # kept by --resume: their steps are done
+        self.bar = tqdm(total=sum(self.totals.values()), initial=done, desc="lab", unit="step", dynamic_ncols=True)
         self.doing: dict[str, str] = {}
 
     def __call__(self, kind: str, *payload) -> None:
@@ -409,8 +428,8 @@ class Progress:
         if task.cfg is None:
             log.info("%s greedy accuracy: %.1f%%", task.name, 100 * outcome["accuracy"])
         else:
-            log.info("%s: greedy accuracy %.1f%% (trained in %.0f s)", task.name, 100 * outcome["accuracy"],
-                     outcome["train_seconds"])
+            log.info("%s: greedy accuracy %.1f%% (%s in %.0f s)", task.name, 100 * outcome["accuracy"],
+                     "kept from an earlier lab, trained" if task.reuse else "trained", outcome["train_seconds"])
 
     def close(self) -> None:
         self.bar.close()
@@ -444,7 +463,8 @@ def _at(run: dict, step: int) -> float | None:
     return at.get(step, at.get(str(step)))
 
 
-def render_markdown(table: list[dict], plan: LabPlan, wall_s: float, n_test: int, jobs: int = 1) -> str:
+def render_markdown(table: list[dict], plan: LabPlan, wall_s: float, n_test: int, jobs: int = 1,
+                    reused: int = 0) -> str:
     runs = [row for row in table if "delta" in row]
     jitter = any(row.get("norm_jitter") is not None for row in runs)
     changed = f"; every run with {' '.join(plan.overrides)}" if plan.overrides else ""
@@ -469,6 +489,8 @@ def render_markdown(table: list[dict], plan: LabPlan, wall_s: float, n_test: int
         if jitter:
             line += f" {row['norm_jitter']:.4f} |" if row.get("norm_jitter") is not None else " |"
         lines.append(line)
+    if reused:
+        lines += ["", f"{reused} run{'s' if reused > 1 else ''} reused from an earlier lab (--resume)."]
     if plan.seeds > 1:
         lines += ["", "Per seed (accuracy %): " + "; ".join(
             f"{row['method']} {' / '.join(f'{100 * a:.1f}' for a in row['acc_seeds'])}" for row in runs) + "."]
@@ -528,22 +550,35 @@ def lab_main(args) -> int:
     write_task(data_dir, seed=0, n_train=plan.n_train, n_test=plan.n_test)
     tasks = lab_tasks(plan, data_dir, runs_dir)  # every config is validated before any model loads
     plan = replace(plan, steps=plan.steps or tasks[0].cfg.trainer.total_steps)  # the recipe's, when not given
-    jobs = resolve_jobs(jobs, len(tasks))
+    # The shipped student's and teacher's accuracies, cached like a run's (their inputs: the shipped checkpoints)
+    shipped_cache = out / lab_resume.EVAL_CACHE
+    digests = {"test": lab_resume.test_digest(data_dir), "inputs": lab_resume.inputs_digest(data_dir, assets_dir())}
+    shipped = {}
+    if getattr(args, "resume", False):
+        tasks = lab_resume.mark_reusable(tasks, digests["inputs"])
+        shipped = lab_resume.read_cache(shipped_cache, **digests)
+    todo = [t for t in tasks if t.cfg is not None or t.name not in shipped]
+    jobs = resolve_jobs(jobs, len(todo))
 
     display = Progress(tasks)
     try:
         with logging_redirect_tqdm():
+            for name in (t.name for t in tasks if t.cfg is None and t.name in shipped):
+                log.info("%s greedy accuracy: %.1f%% (cached)", name, 100 * shipped[name])
             if jobs == 1:
-                outcomes = run_sequential(tasks, data_dir, out, display, plan.eval_every)
+                outcomes = run_sequential(todo, data_dir, out, display, plan.eval_every)
             else:
-                outcomes = run_parallel(tasks, data_dir, out, jobs, display, plan.eval_every)
+                outcomes = run_parallel(todo, data_dir, out, jobs, display, plan.eval_every)
     finally:
         display.close()
+    outcomes.update({name: {"accuracy": acc} for name, acc in shipped.items()})
+    lab_resume.write_cache(shipped_cache, {name: outcomes[name]["accuracy"] for name in ("student", "teacher")},
+                           **digests)
     runs = [outcomes[t.name] for t in tasks if t.cfg is not None]  # table order, whatever finished first
     base, teacher = outcomes["student"]["accuracy"], outcomes["teacher"]["accuracy"]
     wall = time.perf_counter() - start
     table = summarize(base, teacher, runs)
-    results_md = render_markdown(table, plan, wall, plan.n_test, jobs)
+    results_md = render_markdown(table, plan, wall, plan.n_test, jobs, reused=sum(r["reused"] for r in runs))
     stress = [r for r in runs if r["method"].endswith("-stress") and r["seed"] == 0]
     if stress:  # the per-token view of OPD and GNDPO at high temperature, side by side
         from gndpo.report.inspect import write_report
