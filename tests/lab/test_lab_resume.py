@@ -11,7 +11,7 @@ from gndpo.cli import main
 
 pytestmark = pytest.mark.slow
 
-ARGS = ["lab", "--quick", "--steps", "2", "--methods", "gspo", "opd", "--jobs", "1"]
+ARGS = ["lab", "--quick", "--steps", "1", "--methods", "gspo", "--jobs", "1"]
 
 
 def _results(out):
@@ -38,62 +38,60 @@ def _spy(monkeypatch):
 
 def test_resume_keeps_finished_runs_and_retrains_the_others(tmp_path, monkeypatch, caplog):
     out = tmp_path / "lab"
-    runs = out / "runs"
-    assert main([*ARGS, "--out", str(out)]) == 0
+    run = out / "runs" / "gspo-seed0"
+    args = [*ARGS, "--out", str(out)]
+    assert main(args) == 0
     first = _results(out)
-    assert [r["reused"] for r in first["runs"]] == [False, False]
-    mtimes = {p: p.stat().st_mtime_ns for p in runs.glob("*/metrics.jsonl")}
-    assert len(mtimes) == 2
+    assert [r["reused"] for r in first["runs"]] == [False]
+    mtime = (run / "metrics.jsonl").stat().st_mtime_ns
 
-    # everything finished: no training, no evaluation (the runs' and the shipped checkpoints' are cached)
+    # finished, same configuration: no training, no evaluation (the run's and the shipped checkpoints' are cached)
     trained, evaluated = _spy(monkeypatch)
-    assert main([*ARGS, "--out", str(out), "--resume"]) == 0
-    assert trained == [] and evaluated == []
-    assert {p: p.stat().st_mtime_ns for p in runs.glob("*/metrics.jsonl")} == mtimes
+    caplog.set_level("INFO", logger="gndpo")
+    assert main([*args, "--resume"]) == 0
+    assert trained == [] and evaluated == [] and "trained again" not in caplog.text
+    assert (run / "metrics.jsonl").stat().st_mtime_ns == mtime
     second = _results(out)
     assert second["table"] == first["table"] and (second["base"], second["teacher"]) == (first["base"], first["teacher"])
-    assert [r["reused"] for r in second["runs"]] == [True, True]
-    for run in second["runs"]:  # the sum of the logged step times, a part of the first lab's time for that run
-        rows = [json.loads(line) for line in open(f"{run['run_dir']}/metrics.jsonl")]
-        assert run["train_seconds"] == pytest.approx(sum(r["time/step"] for r in rows))
-        assert 0 < run["train_seconds"] <= next(r for r in first["runs"] if r["method"] == run["method"])["train_seconds"]
-    assert "2 runs reused from an earlier lab (--resume)." in (out / "results.md").read_text()
-
-    # gspo: an earlier lab without the cache (evaluated, not retrained); opd: its final checkpoint is gone
-    (runs / "gspo-seed0" / "lab_eval.json").unlink()
-    final = runs / "opd-seed0" / "checkpoints" / "step-000002"
-    (final / "COMPLETE").unlink()  # a half-written checkpoint is not one
-    caplog.set_level("INFO", logger="gndpo")
-    trained.clear()
-    assert main([*ARGS, "--out", str(out), "--resume"]) == 0
-    assert trained == ["opd-seed0"] and sorted(evaluated) == ["step-000002", "step-000002"]
-    assert "opd-seed0: trained again (the earlier run is not finished: its final checkpoint step-000002 is not " \
-           "intact (no COMPLETE marker))" in caplog.text
-    third = _results(out)
-    assert [r["reused"] for r in third["runs"]] == [True, False]
-    assert third["table"] == first["table"]  # a training is deterministic given its seed
+    (kept,) = second["runs"]
+    assert kept["reused"] and kept["accuracy_at"] == {"1": first["runs"][0]["accuracy"]}
+    rows = [json.loads(line) for line in open(run / "metrics.jsonl")]
+    assert kept["train_seconds"] == pytest.approx(sum(r["time/step"] for r in rows))  # part of the first lab's time
+    assert 0 < kept["train_seconds"] <= first["runs"][0]["train_seconds"]
     assert "1 run reused from an earlier lab (--resume)." in (out / "results.md").read_text()
 
-    # a run whose stored configuration differs from the lab's is trained again, with one line saying why
-    stored = runs / "gspo-seed0" / "run_config.yaml"
-    config = yaml.safe_load(stored.read_text())
-    config["optim"]["lr"] = 0.125
-    stored.write_text(yaml.safe_dump(config))
-    trained.clear()
-    evaluated.clear()
+    # a run of a lab before the cache: evaluated, not trained again
+    (run / "lab_eval.json").unlink()
+    assert main([*args, "--resume"]) == 0
+    assert trained == [] and evaluated == ["step-000001"] and _results(out)["table"] == first["table"]
+
+    # its final checkpoint half-written (no COMPLETE marker): trained again, with one line saying why
+    (run / "checkpoints" / "step-000001" / "COMPLETE").unlink()
     caplog.clear()
-    assert main([*ARGS, "--out", str(out), "--resume"]) == 0
-    assert trained == ["gspo-seed0"] and evaluated == ["step-000002"]
-    lines = [line for line in caplog.text.splitlines() if "trained again" in line]
-    assert len(lines) == 1 and "gspo-seed0: trained again (its configuration changed: optim.lr was 0.125, now " in lines[0]
+    assert main([*args, "--resume"]) == 0
+    assert trained == ["gspo-seed0"] and evaluated == ["step-000001"] * 2
+    assert _trained_again(caplog) == ["gspo-seed0: trained again (the earlier run is not finished: its final "
+                                      "checkpoint step-000001 is not intact (no COMPLETE marker))"]
+    third = _results(out)
+    assert [r["reused"] for r in third["runs"]] == [False] and "reused" not in (out / "results.md").read_text()
+    assert third["table"] == first["table"]  # a training is deterministic given its seed
+
+    # a stored configuration that differs from the lab's: trained again, with one line naming the difference
+    config = yaml.safe_load((run / "run_config.yaml").read_text())
+    config["optim"]["lr"] = 0.125
+    (run / "run_config.yaml").write_text(yaml.safe_dump(config))
+    caplog.clear()
+    assert main([*args, "--resume"]) == 0
+    assert trained == ["gspo-seed0"] * 2 and evaluated == ["step-000001"] * 3
+    assert _trained_again(caplog) == ["gspo-seed0: trained again (its configuration changed: optim.lr was 0.125, "
+                                      "now 0.0003)"]
     assert _results(out)["table"] == first["table"]
 
+    # without --resume: trained and evaluated again, as before the option existed
+    assert main(args) == 0
+    assert trained == ["gspo-seed0"] * 3 and evaluated == ["step-000001"] * 4 + ["student", "teacher"]
+    assert not _results(out)["runs"][0]["reused"]
 
-def test_without_resume_every_run_is_trained_again(tmp_path, monkeypatch):
-    out = tmp_path / "lab"
-    args = ["lab", "--quick", "--steps", "1", "--methods", "opd", "--jobs", "1", "--out", str(out)]
-    assert main(args) == 0
-    trained, evaluated = _spy(monkeypatch)
-    assert main(args) == 0
-    assert trained == ["opd-seed0"] and evaluated == ["step-000001", "student", "teacher"]
-    assert "reused" not in (out / "results.md").read_text()
+
+def _trained_again(caplog):
+    return [r.getMessage() for r in caplog.records if "trained again" in r.getMessage()]
