@@ -41,8 +41,9 @@ def inputs_digest(data_dir: Path, assets: Path) -> str:
     """What a run trains on beyond its config: the train split and every shipped checkpoint (``gndpo lab
     bootstrap`` rewrites them under the same paths). ``train_routed.jsonl`` (``--teachers``) derives from
     ``train.jsonl`` and is left out, so that turning ``--teachers`` on does not invalidate the other runs."""
-    return _digest([data_dir / "train.jsonl"], data_dir) + _digest(
+    both = _digest([data_dir / "train.jsonl"], data_dir) + _digest(
         sorted(p for p in assets.rglob("*") if p.is_file()), assets)
+    return hashlib.sha256(both.encode()).hexdigest()
 
 
 def test_digest(data_dir: Path) -> str:
