@@ -52,7 +52,8 @@ def test_resume_keeps_finished_runs_and_retrains_the_others(tmp_path, monkeypatc
     assert trained == [] and evaluated == [] and "trained again" not in caplog.text
     assert (run / "metrics.jsonl").stat().st_mtime_ns == mtime
     second = _results(out)
-    assert second["table"] == first["table"] and (second["base"], second["teacher"]) == (first["base"], first["teacher"])
+    assert second["table"] == first["table"]
+    assert (second["base"], second["teacher"]) == (first["base"], first["teacher"])
     (kept,) = second["runs"]
     assert kept["reused"] and kept["accuracy_at"] == {"1": first["runs"][0]["accuracy"]}
     rows = [json.loads(line) for line in open(run / "metrics.jsonl")]
