@@ -167,6 +167,9 @@ def test_dense_runs_resume_bit_exact(tiny_dir, tmp_path):
     (["algorithm.dense_mode=reward", "algorithm.old_logprobs=sampler"],
      "algorithm.dense_mode=reward scores the teacher's top-k under the student before the update"),
     (["algorithm.divergence=kl"], "algorithm.divergence='kl' is not one of: forward_kl, reverse_kl, jsd"),
+    (["algorithm.dense_mode=reward", "algorithm.policy_loss=reinforce"],
+     "algorithm.policy_loss=reinforce does not apply with algorithm.distill=topk"),
+    (["algorithm.policy_loss=ppo"], "algorithm.policy_loss=ppo does not apply with algorithm.distill=topk"),
 ])
 def test_bad_dense_settings_are_one_line_before_any_model_loads(tiny_dir, extra, message):
     with pytest.raises(ConfigError) as err:

@@ -439,6 +439,7 @@ def validate(cfg: RunConfig) -> RunConfig:
 
     a = cfg.algorithm
     preset = PRESETS[a.method]
+    chosen = {key for key in preset if getattr(a, key) is not None}  # set by the user, not by the method
     for key, value in preset.items():
         if getattr(a, key) is None:
             setattr(a, key, value)
@@ -462,6 +463,10 @@ def validate(cfg: RunConfig) -> RunConfig:
         _check(a.divergence != "jsd" or 0 < a.jsd_beta < 1,
                f"algorithm.jsd_beta={a.jsd_beta} must be in (0, 1); its limits are forward_kl (teacher side) and "
                "reverse_kl")
+        _check("policy_loss" not in chosen or a.policy_loss == preset["policy_loss"],
+               f"algorithm.policy_loss={a.policy_loss} does not apply with algorithm.distill=topk: dense_mode=loss "
+               "minimizes the divergence itself and dense_mode=reward has its own clipped surrogate over the "
+               "candidates (docs/DENSE.md); drop algorithm.policy_loss")
         _check(a.dense_mode == "loss" or a.old_logprobs == "recompute",
                "algorithm.dense_mode=reward scores the teacher's top-k under the student before the update, the "
                "pass algorithm.old_logprobs=sampler saves; use algorithm.old_logprobs=recompute")
