@@ -456,6 +456,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "of the task, against one teacher for both (docs/LAB.md)")
     p.add_argument("--self-distill", action="store_true", help="also run GNDPO self-distillation: the student as "
                    "its own teacher, given the reference answer as privileged context (docs/LAB.md)")
+    p.add_argument("--variants", nargs="+", default=None, metavar="NAME", help="only these runs of --teachers "
+                   "(2teachers, 2teachers-per_teacher, sum_teacher) and --self-distill (self, self-initial, "
+                   "self-in-prompt); default all")
     p.add_argument("--jobs", type=int, default=None, metavar="N", help="worker processes for the runs and "
                    "evaluations, one torch thread each (default: one per CPU core); 1 = in sequence, in this process")
     p.add_argument("--resume", action="store_true", help="keep every run that --out already holds finished with the "

@@ -65,6 +65,13 @@ def test_the_options_add_valid_runs_routed_by_half(tmp_path):
     assert (own.path, own.context, own.self_weights, own.context_at) == ("self", lab_teachers.SELF_CONTEXT, "initial",
                                                                          "system")
     assert by_name["gndpo-self-in-prompt-seed1"].teacher.context_at == "prompt"
+    few = LabPlan(seeds=1, steps=3, n_train=20, n_test=4, methods=("gndpo",), stress=False, teachers=True,
+                  self_distill=True, variants=("sum_teacher", "self-initial"))
+    assert [t.name for t in lab_tasks(few, tmp_path, tmp_path / "runs")][:-2] == [
+        "gndpo-seed0", "gndpo-sum_teacher-seed0", "gndpo-self-initial-seed0"]
+    assert lab_teachers.check_variants(("self",), True, False) == \
+        "lab variant 'self' belongs to --self-distill, which is not given"
+    assert lab_teachers.check_variants(("selfish",), True, True).startswith("unknown lab variant 'selfish'; choose")
     rows = [json.loads(line) for line in open(tmp_path / lab_teachers.ROUTED_TRAIN)]
     assert len(rows) == 20 and all(r["teacher"] == task.subtask(r["problem"]) for r in rows)
     assert {r["teacher"] for r in rows} == {"sum", "prod"}

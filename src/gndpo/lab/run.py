@@ -83,6 +83,7 @@ class LabPlan:
     setting: str = "default"  # default, or those of dense, long, small-batch, teachers, self-distill it ran
     teachers: bool = False  # the two-teacher runs (gndpo.lab.teachers)
     self_distill: bool = False  # the self-distillation runs (gndpo.lab.teachers)
+    variants: tuple[str, ...] | None = None  # only these runs of --teachers/--self-distill (None: all)
 
 
 @dataclass(frozen=True)
@@ -112,13 +113,17 @@ def plan_from_args(args) -> LabPlan:
     if eval_every < 0:
         raise GndpoError(f"--eval-every must be >= 0 (got {eval_every}); 0 evaluates the final checkpoint only")
     teachers, self_distill = bool(getattr(args, "teachers", False)), bool(getattr(args, "self_distill", False))
+    variants = tuple(getattr(args, "variants", None) or ()) or None
+    why = lab_teachers.check_variants(variants, teachers, self_distill)
+    if why:
+        raise GndpoError(why)
     setting = ", ".join(name for name, on in (("dense", dense), ("long", long), ("small-batch", small),
                                               ("teachers", teachers), ("self-distill", self_distill)) if on) \
         or "default"
     return LabPlan(seeds=seeds, steps=steps or 0, n_train=2000 if quick else 8000, n_test=64 if quick else 1000,
                    methods=methods, stress=bool(getattr(args, "stress", False)) or small, eval_every=eval_every,
                    overrides=SMALL_BATCH if small else (), setting=setting, teachers=teachers,
-                   self_distill=self_distill)
+                   self_distill=self_distill, variants=variants)
 
 
 def eval_steps(total_steps: int, every: int) -> list[int]:

@@ -42,21 +42,38 @@ def _teachers_list(assets: Path) -> str:
     return f"teachers=[{entries}]"
 
 
+TEACHERS_VARIANTS = ("2teachers", "2teachers-per_teacher", "sum_teacher")  # --teachers
+SELF_VARIANTS = ("self", "self-initial", "self-in-prompt")  # --self-distill
+
+
+def check_variants(variants: tuple[str, ...] | None, teachers: bool, self_distill: bool) -> str | None:
+    """Why ``--variants`` does not fit the options (one line), or None."""
+    for v in variants or ():
+        if v not in TEACHERS_VARIANTS + SELF_VARIANTS:
+            return f"unknown lab variant {v!r}; choose from: {', '.join(TEACHERS_VARIANTS + SELF_VARIANTS)}"
+        if (v in TEACHERS_VARIANTS and not teachers) or (v in SELF_VARIANTS and not self_distill):
+            return f"lab variant {v!r} belongs to {'--teachers' if v in TEACHERS_VARIANTS else '--self-distill'}, " \
+                   "which is not given"
+    return None
+
+
 def runs(plan, data_dir: Path, assets: Path) -> list[tuple[str, int, tuple[str, ...], str]]:
-    """``(method, seed, overrides, tag)`` of every run the plan's options ask for, for ``run.run_config``."""
+    """``(method, seed, overrides, tag)`` of every run the plan's options ask for (``plan.variants``: only those,
+    default all of each option), for ``run.run_config``."""
+    wanted = set(plan.variants or TEACHERS_VARIANTS + SELF_VARIANTS)
     out = []
     if plan.teachers:
         routed = write_routed(data_dir)
         two = ("teacher.path=null", _teachers_list(assets), "data.teacher_key=teacher", f"data.train={routed}")
         variants = [("-2teachers", two), ("-2teachers-per_teacher", (*two, "algorithm.teacher_norm=per_teacher")),
                     ("-sum_teacher", (f"teacher.path={assets / SPECIALISTS['sum']}",))]
-        out += [("gndpo", s, extra, tag) for tag, extra in variants for s in range(plan.seeds)]
+        out += [("gndpo", s, extra, tag) for tag, extra in variants if tag[1:] in wanted for s in range(plan.seeds)]
     if plan.self_distill:
         self_ = ("teacher.path=self", f'teacher.context="{SELF_CONTEXT}"')
         variants = [("-self", (*self_, "teacher.context_at=system")),
                     ("-self-initial", (*self_, "teacher.context_at=system", "teacher.self_weights=initial")),
                     ("-self-in-prompt", (*self_, "teacher.context_at=prompt"))]
-        out += [("gndpo", s, extra, tag) for tag, extra in variants for s in range(plan.seeds)]
+        out += [("gndpo", s, extra, tag) for tag, extra in variants if tag[1:] in wanted for s in range(plan.seeds)]
     return out
 
 
