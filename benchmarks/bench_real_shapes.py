@@ -43,6 +43,8 @@ def main() -> None:
                              "matrix products (AVX2 only) torch runs bf16 matmuls in its reference loop, minutes "
                              "each at these shapes: use float32 there (the plan then counts that)")
     parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--plan-only", action="store_true", help="print the resource plan of this run and stop "
+                        "(seconds; no training, no measurement)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -83,6 +85,10 @@ def main() -> None:
             f"trainer.output_dir={root / 'run'}", "logging.progress=false", "logging.tensorboard=false",
             "checkpoint.save_final=false", "optim.lr=1e-6"])
         plan = build_plan(cfg)
+        if args.plan_only:
+            print(format_plan(plan))
+            print(f"plan: peak ({plan.peak_phase}) {plan.peak_bytes / GIB:.2f} GiB")
+            return
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             train(cfg)
         measured = measured_peak_bytes(prof)
