@@ -17,7 +17,11 @@ The evaluation-harness tier (tests/eval_tier) needs VLMEvalKit, which gndpo inst
 use; for the tests that is `.venv-eval/` (GNDPO_EVAL_VENV).
 The verl tier (tests/verl_tier) runs gndpo's verl plugin against the real verl package in `.venv-verl/`
 (GNDPO_VERL_VENV), built on first use: verl pins an older transformers than gndpo. GNDPO_SKIP_VERL=1 skips it.
-The page test of `gndpo inspect` renders in a headless Chromium: when none is installed and this runs as root
+The docs tier (tests/docs_tier) builds the documentation site with `mkdocs build --strict` from `.venv-docs/`
+(GNDPO_DOCS_VENV: MkDocs alone, requirements/docs.txt), renders it in headless Chromium, and executes every command
+block of the README and docs/ marked runnable, in the main virtualenv (blocks marked for vLLM or verl in theirs,
+where this machine has built them); GNDPO_SKIP_DOCS=1 skips it.
+The page tests (`gndpo inspect`, the docs site) render in a headless Chromium: when none is installed and this runs as root
 (as CI does), Debian's `chromium` is installed with apt-get first; elsewhere that test is skipped with the reason.
 """
 from __future__ import annotations
@@ -47,6 +51,9 @@ VERL_REQUIREMENTS = ROOT / "requirements" / "verl.txt"
 VERL_CONSTRAINTS = ROOT / "requirements" / "verl-constraints.txt"
 VERL_TESTS = "tests/verl_tier"
 VERL_NO_DEPS = ("verl", "transferqueue")  # versions pinned in the constraints file
+DOCS_VENV = Path(os.environ.get("GNDPO_DOCS_VENV", ROOT / ".venv-docs"))
+DOCS_REQUIREMENTS = ROOT / "requirements" / "docs.txt"
+DOCS_TESTS = "tests/docs_tier"
 
 
 def _python(venv_dir: Path = VENV) -> Path:
@@ -141,8 +148,28 @@ def ensure_verl_venv() -> Path:
     return _python(VERL_VENV)
 
 
+def ensure_docs_venv() -> Path:
+    """The docs tier's virtualenv: MkDocs, Material and mkdocstrings (pure Python, ~20 s). gndpo is not installed
+    in it: the site's hook imports gndpo's config and CLI modules from src/, which need nothing else."""
+    stamp = DOCS_VENV / ".gndpo-install-stamp"
+    key = _fingerprint("docs", (DOCS_REQUIREMENTS,))
+    if stamp.exists() and stamp.read_text() == key:
+        return DOCS_VENV
+    if not _python(DOCS_VENV).exists():
+        print(f"creating the docs tier's virtualenv in {DOCS_VENV} (first run only, ~30 s)", flush=True)
+        venv.EnvBuilder(with_pip=True).create(DOCS_VENV)
+    _pip("-q", "-r", str(DOCS_REQUIREMENTS), venv_dir=DOCS_VENV)
+    stamp.write_text(key)
+    return DOCS_VENV
+
+
+def _built(venv_dir: Path) -> str | None:
+    """The python of a tier's virtualenv when it is installed (its stamp written), else None."""
+    return str(_python(venv_dir)) if (venv_dir / ".gndpo-install-stamp").exists() else None
+
+
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome")
-PAGE_TESTS = "tests/report"
+PAGE_TESTS = ("tests/report", DOCS_TESTS)
 
 
 def ensure_chromium() -> str | None:
@@ -172,10 +199,11 @@ def _overlaps(path: str, folder: str) -> bool:
 
 
 def run_tests(rest: list[str], env: dict) -> int:
-    """pytest in the main virtualenv for every tier but vLLM's, the harness's and verl's, then the vLLM tier in its
-    own virtualenv, then the harness tier (VLMEvalKit in .venv-eval, driven from the vLLM virtualenv where vLLM runs
-    here, else from the main one, which skips the test that serves a model), then the verl tier in its own
-    virtualenv. Paths given on the command line go to the virtualenv their tier needs."""
+    """pytest in the main virtualenv for every tier but vLLM's, the harness's, verl's and the docs', then the vLLM
+    tier in its own virtualenv, then the harness tier (VLMEvalKit in .venv-eval, driven from the vLLM virtualenv
+    where vLLM runs here, else from the main one, which skips the test that serves a model), then the verl tier in
+    its own virtualenv, then the docs tier (last: its examples may use the vLLM and verl virtualenvs). Paths given on
+    the command line go to the virtualenv their tier needs."""
     paths = [a for a in rest if not a.startswith("-") and (ROOT / a.split("::")[0]).exists()]
     options = [a for a in rest if a not in paths]
 
@@ -183,18 +211,20 @@ def run_tests(rest: list[str], env: dict) -> int:
         return [p for p in paths if Path(p.split("::")[0]).as_posix().startswith(prefix)]
 
     vllm_paths, eval_paths, verl_paths = tier(VLLM_TESTS), tier(EVAL_TESTS), tier(VERL_TESTS)
-    main_paths = [p for p in paths if p not in vllm_paths + eval_paths + verl_paths]
+    docs_paths = tier(DOCS_TESTS)
+    main_paths = [p for p in paths if p not in vllm_paths + eval_paths + verl_paths + docs_paths]
     reason = vllm_unsupported()
     vllm_env = dict(env, OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "1"))
     codes = []
+    if not paths or any(_overlaps(p, page) for p in main_paths + docs_paths for page in PAGE_TESTS):
+        why = ensure_chromium()
+        if why:
+            print(f"page tests (gndpo inspect, the docs site): {why}", flush=True)
+            env = dict(env, GNDPO_NO_CHROMIUM=why)
     if main_paths or not paths:
         py = str(ensure_venv("dev"))
-        if not paths or any(_overlaps(p, PAGE_TESTS) for p in main_paths):
-            why = ensure_chromium()
-            if why:
-                print(f"inspect page test: {why}", flush=True)
-                env = dict(env, GNDPO_NO_CHROMIUM=why)
-        ignore = [] if paths else ["--ignore", VLLM_TESTS, "--ignore", EVAL_TESTS, "--ignore", VERL_TESTS]
+        ignore = [] if paths else ["--ignore", VLLM_TESTS, "--ignore", EVAL_TESTS, "--ignore", VERL_TESTS,
+                                   "--ignore", DOCS_TESTS]
         codes.append(_pytest(py, [*main_paths, *ignore, *options], env))
     if vllm_paths or not paths:
         if reason:
@@ -218,6 +248,17 @@ def run_tests(rest: list[str], env: dict) -> int:
             print(f"verl tier skipped: {verl_reason}", flush=True)
         else:
             codes.append(_pytest(str(ensure_verl_venv()), [*(verl_paths or [VERL_TESTS]), *options], vllm_env))
+    if docs_paths or not paths:
+        if os.environ.get("GNDPO_SKIP_DOCS") == "1":
+            print("docs tier skipped: GNDPO_SKIP_DOCS=1", flush=True)
+        else:
+            mkdocs = ensure_docs_venv() / ("Scripts" if os.name == "nt" else "bin") / "mkdocs"
+            docs_env = dict(env, OMP_NUM_THREADS=vllm_env["OMP_NUM_THREADS"], GNDPO_MKDOCS=str(mkdocs))
+            for var, venv_dir, why_not in (("GNDPO_DOCS_VLLM_PYTHON", VLLM_VENV, reason),
+                                           ("GNDPO_DOCS_VERL_PYTHON", VERL_VENV, verl_unsupported())):
+                if why_not is None and _built(venv_dir) and not docs_env.get(var):
+                    docs_env[var] = _built(venv_dir)
+            codes.append(_pytest(str(ensure_venv("dev")), [*(docs_paths or [DOCS_TESTS]), *options], docs_env))
     return next((c for c in codes if c != 0), 0)
 
 

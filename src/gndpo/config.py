@@ -643,28 +643,47 @@ def to_yaml(cfg: RunConfig) -> str:
     return OmegaConf.to_yaml(OmegaConf.create(to_dict(cfg)))
 
 
-def help_text() -> str:
-    """Every config key with its default and help, generated from the dataclasses."""
-    lines = []
+@dataclass(frozen=True)
+class ConfigField:
+    """One config key as ``gndpo train --help`` and the docs' config reference show it."""
 
-    def fields_of(cls, prefix: str) -> None:
+    key: str  # dotted, e.g. "model.lora.rank"
+    default: str  # as shown: null, (required), [a,b], or the value
+    choices: tuple[str, ...] | None
+    help: str
+
+
+def config_sections() -> list[tuple[str, str, list[ConfigField]]]:
+    """(section, its help, its keys in declaration order) for every top-level section, from the dataclasses."""
+
+    def fields_of(cls, prefix: str) -> list[ConfigField]:
+        out = []
         for f in dataclasses.fields(cls):
             factory = f.default_factory if f.default_factory is not dataclasses.MISSING else None
             if dataclasses.is_dataclass(factory):
-                fields_of(factory, f"{prefix}.{f.name}")
+                out += fields_of(factory, f"{prefix}.{f.name}")
                 continue
             default = f.default if f.default is not dataclasses.MISSING else (factory() if factory else "?")
             shown = "null" if default is None else ("(required)" if default == "" else default)
             if isinstance(shown, (list, tuple)):
                 shown = "[" + ",".join(map(str, shown)) + "]"
             choices = f.metadata.get("choices")
-            extra = f" [{'|'.join('null' if c is None else str(c) for c in choices)}]" if choices else ""
-            lines.append(f"  {prefix}.{f.name}={shown}{extra}  {f.metadata.get('help', '')}")
+            shown_choices = tuple("null" if c is None else str(c) for c in choices) if choices else None
+            out.append(ConfigField(f"{prefix}.{f.name}", str(shown), shown_choices, f.metadata.get("help", "")))
+        return out
 
-    for section in dataclasses.fields(RunConfig):
-        lines.append(f"{section.name}:  {section.metadata.get('help', '')}")
-        if section.name == "teachers":  # a list: each entry's keys
-            fields_of(TeacherEntry, "teachers[i]")
-            continue
-        fields_of(section.default_factory, section.name)
+    return [(s.name, s.metadata.get("help", ""),
+             fields_of(TeacherEntry, "teachers[i]") if s.name == "teachers"  # a list: each entry's keys
+             else fields_of(s.default_factory, s.name))
+            for s in dataclasses.fields(RunConfig)]
+
+
+def help_text() -> str:
+    """Every config key with its default and help, generated from the dataclasses."""
+    lines = []
+    for section, section_help, keys in config_sections():
+        lines.append(f"{section}:  {section_help}")
+        for k in keys:
+            extra = f" [{'|'.join(k.choices)}]" if k.choices else ""
+            lines.append(f"  {k.key}={k.default}{extra}  {k.help}")
     return "\n".join(lines)
