@@ -6,6 +6,9 @@
   :func:`gndpo.config.config_sections`, the same source that prints ``gndpo train --help``.
 - ``reference/cli.md`` renders every ``gndpo`` subcommand from the argparse parser :func:`gndpo.cli.build_parser`.
 
+Every page also goes through :func:`github_lists`, so Markdown written for GitHub (the README, the guides) shows
+its lists on the site as GitHub shows them.
+
 gndpo is imported from this checkout's ``src/`` (only its config and CLI modules, which need no torch), so the
 docs virtualenv needs only the MkDocs packages of ``requirements/docs.txt``.
 """
@@ -37,6 +40,64 @@ def _cell(text: str) -> str:
     """Text for a Markdown table cell: HTML-escaped, with the characters Markdown would act on escaped."""
     text = html.escape(str(text), quote=False)
     return re.sub(r"([|*_\[\]`\\])", r"\\\1", text)
+
+
+# ------------------------------------------------------------------ GitHub's lists for Python-Markdown
+
+_LIST_ITEM = re.compile(r"^( *)(?:[-*+]|\d+[.)]) +\S")
+_FENCE = re.compile(r"^ *(`{3,}|~{3,})")
+
+
+def github_lists(markdown: str) -> str:
+    """Lists as GitHub renders them, rewritten for Python-Markdown (MkDocs), which needs a blank line before a list
+    that follows a paragraph line, and 4 spaces (GitHub: 2) before a nested item. Code fences are left alone."""
+    out: list[str] = []
+    block: list[str] = []  # the current list, from its first item to the line before it ends
+
+    def flush():
+        if any((m := _LIST_ITEM.match(ln)) and len(m.group(1)) % 4 == 2 for ln in block):
+            block[:] = [" " * (2 * (len(ln) - len(ln.lstrip(" ")))) + ln.lstrip(" ") for ln in block]
+        out.extend(block)
+        block.clear()
+
+    lines = markdown.split("\n")
+    fence = None
+    for i, line in enumerate(lines):
+        if fence is not None:
+            out.append(line)
+            if re.match(rf"^ *{re.escape(fence[0])}{{{len(fence)},}} *$", line):
+                fence = None
+            continue
+        opening = _FENCE.match(line)
+        if opening:
+            flush()
+            fence = opening.group(1)
+            out.append(line)
+            continue
+        if block:
+            if line.strip() == "":
+                nxt = next((ln for ln in lines[i + 1:] if ln.strip()), "")
+                if nxt.startswith(" ") or _LIST_ITEM.match(nxt):
+                    block.append(line)
+                    continue
+                flush()
+                out.append(line)
+                continue
+            if not block[-1].strip() and not line.startswith(" ") and not _LIST_ITEM.match(line):
+                flush()
+                out.append(line)
+                continue
+            block.append(line)
+            continue
+        m = _LIST_ITEM.match(line)
+        if m and len(m.group(1)) < 4:
+            if out and out[-1].strip() and not out[-1].lstrip().startswith("<!--"):
+                out.append("")
+            block.append(line)
+            continue
+        out.append(line)
+    flush()
+    return "\n".join(out)
 
 
 # ------------------------------------------------------------------ the README as the home page
@@ -148,6 +209,10 @@ def cli_reference() -> str:
 
 
 # ------------------------------------------------------------------ MkDocs events
+
+def on_page_markdown(markdown, page, config, files):
+    return github_lists(markdown)
+
 
 def on_files(files, config):
     from mkdocs.structure.files import File

@@ -176,8 +176,14 @@ def parse_page(path: Path) -> list[Block]:
     return blocks
 
 
-def command_blocks(paths) -> list[Block]:
-    return [b for p in paths for b in parse_page(Path(p)) if b.lang in COMMAND_LANGS or b.action]
+_COMMAND_START = re.compile(r"^(\$ )?(gndpo|python3?|torchrun|pip|vllm|mkdocs|bash|export|cd|\.venv[\w-]*/bin/\S+|"
+                            r"[A-Z_]+=\S*\s+\S+)( |$)")
+
+
+def looks_like_commands(block: Block) -> bool:
+    """A fence with no language (or text) whose first line is a shell command: it should be a marked bash block."""
+    first = next((ln.strip() for ln in block.text.splitlines() if ln.strip()), "")
+    return block.lang in ("", "text") and bool(_COMMAND_START.match(first))
 
 
 # ------------------------------------------------------------------ matching printed output

@@ -11,11 +11,12 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
-from docs_blocks import COMMAND_LANGS, MarkerError, check_output, parse_page
+from docs_blocks import COMMAND_LANGS, MarkerError, check_output, parse_page, looks_like_commands
 
 ROOT = Path(__file__).resolve().parents[2]
 # The pages: the README and every hand-written page of the site (the generated ones have no command blocks).
@@ -31,7 +32,7 @@ def _collect():
     blocks, errors = [], []
     for page in PAGES:
         try:
-            blocks += [b for b in parse_page(page) if b.lang in COMMAND_LANGS or b.action]
+            blocks += [b for b in parse_page(page) if b.lang in COMMAND_LANGS or b.action or looks_like_commands(b)]
         except MarkerError as exc:
             errors.append(str(exc))
     return blocks, errors
@@ -50,7 +51,7 @@ def test_every_marker_parses():
 
 
 def test_every_command_block_is_marked():
-    unmarked = [f"{_id(b)} ({b.lang})" for b in BLOCKS if b.action not in ("run", "skip")]
+    unmarked = [f"{_id(b)} ({b.lang or 'no language: label it bash'})" for b in BLOCKS if b.action not in ("run", "skip")]
     assert not unmarked, ('command blocks without <!-- docs-test: run --> or <!-- docs-test: skip="reason" --> '
                           "on the line before them:\n" + "\n".join(unmarked))
 
@@ -59,31 +60,11 @@ def test_the_pages_execute_something():
     assert sum(b.action == "run" for b in BLOCKS) >= 10, "the docs tier would execute almost nothing"
 
 
-@pytest.fixture(scope="module")
-def page_dirs(tmp_path_factory):
-    """One working directory per page, shared by its blocks in order, with the checkout's paths linked in."""
-    made = {}
-
-    def get(page: Path) -> Path:
-        if page not in made:
-            d = tmp_path_factory.mktemp(page.stem.lower())
-            for name in LINKED:
-                if (ROOT / name).exists():
-                    (d / name).symlink_to(ROOT / name)
-            made[page] = d
-        return made[page]
-
-    return get
-
-
-def _python_for(block) -> str:
+def _python_for(block) -> str | None:
     if block.env == "main":
         return sys.executable
-    var, what = ENVS[block.env]
-    py = os.environ.get(var)
-    if not py or not Path(py).exists():
-        pytest.skip(f"needs {what} (${var}; python3 run.py test builds it where this machine can run that tier)")
-    return py
+    py = os.environ.get(ENVS[block.env][0])
+    return py if py and Path(py).exists() else None
 
 
 def _run(argv, cwd: Path, env: dict, timeout: int) -> tuple[int | None, str]:
@@ -105,20 +86,22 @@ def _run(argv, cwd: Path, env: dict, timeout: int) -> tuple[int | None, str]:
     return rc, out
 
 
-@pytest.mark.parametrize("block", RUNNABLE, ids=_id)
-def test_block(block, page_dirs):
-    if block.action == "skip":
-        pytest.skip(f"{_id(block)}: {block.reason}")
+def _execute(block, cwd: Path) -> str | None:
+    """Run one block in ``cwd``: None when it passed, else why it failed."""
     py = _python_for(block)
-    cwd = page_dirs(block.path)
     env = dict(os.environ, PATH=f"{Path(py).parent}{os.pathsep}{os.environ.get('PATH', '')}",
                OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"), COLUMNS="200")
+               DOCS_TIER=str(Path(__file__).resolve().parent), COLUMNS="200",
+               VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"))
     env.pop("PYTEST_CURRENT_TEST", None)
-    script = block.script()
-    for i, command in enumerate(block.setup):
+    try:
+        script = block.script()
+    except MarkerError as exc:
+        return str(exc)
+    for command in block.setup:
         rc, out = _run(["bash", "-c", command], cwd, env, block.timeout)
-        assert rc == 0, f"{_id(block)}: setup {command!r} failed ({rc}):\n{out[-3000:]}"
+        if rc != 0:
+            return f"setup {command!r} failed ({rc}):\n{out[-3000:]}"
     if block.lang in ("python", "py"):
         path = cwd / f"block_{block.line}.py"
         path.write_text(script + "\n")
@@ -130,8 +113,63 @@ def test_block(block, page_dirs):
     start = time.monotonic()
     rc, out = _run(argv, cwd, env, block.timeout)
     took = time.monotonic() - start
-    assert rc is not None, (f"{_id(block)}: still running after {block.timeout} s (timeout=... in its marker); "
-                            f"output:\n{out[-3000:]}")
-    assert rc == 0, f"{_id(block)}: exit status {rc} after {took:.0f} s; the script:\n{script}\n--- output:\n{out[-4000:]}"
-    problem = check_output(block.expected(), out, block.numbers)
+    if rc is None:
+        return f"still running after {block.timeout} s (timeout=... in its marker); output:\n{out[-3000:]}"
+    if rc != 0:
+        return f"exit status {rc} after {took:.0f} s; the script:\n{script}\n--- output:\n{out[-4000:]}"
+    return check_output(block.expected(), out, block.numbers)
+
+
+def _run_page(blocks, cwd: Path) -> dict:
+    """The page's run blocks in order, in one directory; after a failure the rest are not run."""
+    results, failed = {}, None
+    for block in blocks:
+        if failed:
+            results[_id(block)] = f"not run: {failed} failed before it"
+            continue
+        results[_id(block)] = _execute(block, cwd)
+        failed = _id(block) if results[_id(block)] else None
+    return results
+
+
+@pytest.fixture(scope="module")
+def executed(request, tmp_path_factory):
+    """The selected blocks' pages, started at once and run GNDPO_DOCS_JOBS pages at a time (default: one per CPU
+    core; the blocks are single-threaded and mostly start-up), longest first. A page runs its blocks up to the last
+    selected one, since a block may use what an earlier one wrote. Returns block id -> future of its page's results."""
+    selected = {_id(item.callspec.params["block"]) for item in request.session.items
+                if getattr(item, "callspec", None) and "block" in item.callspec.params}
+    pages: dict[Path, list] = {}
+    for b in RUNNABLE:
+        if b.action == "run" and _python_for(b) is not None:
+            pages.setdefault(b.path, []).append(b)
+    for page, blocks in list(pages.items()):
+        last = max((i for i, b in enumerate(blocks) if _id(b) in selected), default=-1)
+        if last < 0:
+            del pages[page]
+        else:
+            pages[page] = blocks[:last + 1]
+    jobs = int(os.environ.get("GNDPO_DOCS_JOBS", os.cpu_count() or 1))
+    pool = ThreadPoolExecutor(max_workers=max(1, jobs))
+    futures = {}
+    for page, blocks in sorted(pages.items(), key=lambda kv: -sum(b.timeout + 200 * (b.env != "main")
+                                                                   for b in kv[1])):
+        cwd = tmp_path_factory.mktemp(page.stem.lower())
+        for name in LINKED:
+            if (ROOT / name).exists():
+                (cwd / name).symlink_to(ROOT / name)
+        future = pool.submit(_run_page, blocks, cwd)
+        futures.update({_id(b): future for b in blocks})
+    yield futures
+    pool.shutdown(wait=True)
+
+
+@pytest.mark.parametrize("block", RUNNABLE, ids=_id)
+def test_block(block, executed):
+    if block.action == "skip":
+        pytest.skip(f"{_id(block)}: {block.reason}")
+    if _python_for(block) is None:
+        var, what = ENVS[block.env]
+        pytest.skip(f"needs {what} (${var}; python3 run.py test builds it where this machine can run that tier)")
+    problem = executed[_id(block)].result()[_id(block)]
     assert problem is None, f"{_id(block)}: {problem}"
