@@ -6,8 +6,8 @@
   :func:`gndpo.config.config_sections`, the same source that prints ``gndpo train --help``.
 - ``reference/cli.md`` renders every ``gndpo`` subcommand from the argparse parser :func:`gndpo.cli.build_parser`.
 
-Every page also goes through :func:`github_lists`, so Markdown written for GitHub (the README, the guides) shows
-its lists on the site as GitHub shows them.
+Every page, and every docstring of the API page, also goes through :func:`github_lists` (a Markdown extension
+added in ``on_config``), so Markdown written for GitHub shows its lists on the site as GitHub shows them.
 
 gndpo is imported from this checkout's ``src/`` (only its config and CLI modules, which need no torch), so the
 docs virtualenv needs only the MkDocs packages of ``requirements/docs.txt``.
@@ -210,8 +210,25 @@ def cli_reference() -> str:
 
 # ------------------------------------------------------------------ MkDocs events
 
-def on_page_markdown(markdown, page, config, files):
-    return github_lists(markdown)
+def _github_lists_extension():
+    from markdown.extensions import Extension
+    from markdown.preprocessors import Preprocessor
+
+    class GithubLists(Preprocessor):
+        def run(self, lines):
+            return github_lists("\n".join(lines)).split("\n")
+
+    class GithubListsExtension(Extension):
+        def extendMarkdown(self, md):
+            md.preprocessors.register(GithubLists(md), "gndpo_github_lists", 40)  # before fenced code (25)
+
+    return GithubListsExtension()
+
+
+def on_config(config):
+    # An extension, not a page hook: mkdocstrings renders the docstrings of the API page with these extensions too.
+    config.markdown_extensions.append(_github_lists_extension())
+    return config
 
 
 def on_files(files, config):
