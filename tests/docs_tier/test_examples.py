@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from docs_blocks import COMMAND_LANGS, MarkerError, check_output, parse_page, looks_like_commands
+from docs_blocks import COMMAND_LANGS, MarkerError, check_output, looks_like_commands, parse_page
 
 ROOT = Path(__file__).resolve().parents[2]
 # The pages: the README and every hand-written page of the site (the generated ones have no command blocks).
@@ -51,7 +51,8 @@ def test_every_marker_parses():
 
 
 def test_every_command_block_is_marked():
-    unmarked = [f"{_id(b)} ({b.lang or 'no language: label it bash'})" for b in BLOCKS if b.action not in ("run", "skip")]
+    unmarked = [f"{_id(b)} ({b.lang or 'no language: label it bash'})" for b in BLOCKS
+                if b.action not in ("run", "skip")]
     assert not unmarked, ('command blocks without <!-- docs-test: run --> or <!-- docs-test: skip="reason" --> '
                           "on the line before them:\n" + "\n".join(unmarked))
 
