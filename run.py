@@ -198,6 +198,47 @@ def _overlaps(path: str, folder: str) -> bool:
     return p in ("", ".", folder) or folder.startswith(p + "/") or p.startswith(folder + "/")
 
 
+BUILD_LOG = ROOT / ".venv-build.log"
+
+
+def prebuild() -> None:
+    """Build every other tier's virtualenv this machine can run (what ``run.py test`` does in the background while
+    the main tier runs: pip is mostly waiting on downloads and disk, so the two overlap). Each step is a no-op when
+    its virtualenv is already built."""
+    reason = vllm_unsupported()
+    py = ensure_venv("dev") if reason else ensure_vllm_venv()
+    subprocess.run([str(py), "-c", "from gndpo.eval.harness import ensure_harness; ensure_harness()"], cwd=ROOT,
+                   env=dict(os.environ, GNDPO_EVAL_VENV=str(EVAL_VENV)), check=True)
+    if verl_unsupported() is None:
+        ensure_verl_venv()
+    if os.environ.get("GNDPO_SKIP_DOCS") != "1":
+        ensure_docs_venv()
+
+
+def _start_prebuild(env: dict) -> subprocess.Popen:
+    print(f"building the other tiers' virtualenvs in the background while the main tier runs (log: {BUILD_LOG})",
+          flush=True)
+    with open(BUILD_LOG, "w") as log:  # the child keeps its own handle
+        return subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "_prebuild"], cwd=ROOT, env=env,
+                                stdout=log, stderr=subprocess.STDOUT)
+
+
+def _finish_prebuild(builder: subprocess.Popen) -> None:
+    """Wait for the background build; on failure show its log's end (each tier then retries in the foreground, so
+    the error is also printed where it happens)."""
+    import time
+
+    start = time.monotonic()
+    rc = builder.wait()
+    waited = time.monotonic() - start
+    if rc == 0:
+        print(f"background virtualenv build: done (waited {waited:.0f} s after the main tier)", flush=True)
+        return
+    tail = BUILD_LOG.read_text(errors="replace").strip().splitlines()[-20:]
+    print(f"background virtualenv build failed (exit {rc}); the last lines of {BUILD_LOG}:", *tail, sep="\n",
+          file=sys.stderr, flush=True)
+
+
 def run_tests(rest: list[str], env: dict) -> int:
     """pytest in the main virtualenv for every tier but vLLM's, the harness's, verl's and the docs', then the vLLM
     tier in its own virtualenv, then the harness tier (VLMEvalKit in .venv-eval, driven from the vLLM virtualenv
@@ -223,9 +264,12 @@ def run_tests(rest: list[str], env: dict) -> int:
             env = dict(env, GNDPO_NO_CHROMIUM=why)
     if main_paths or not paths:
         py = str(ensure_venv("dev"))
+        builder = None if paths else _start_prebuild(env)
         ignore = [] if paths else ["--ignore", VLLM_TESTS, "--ignore", EVAL_TESTS, "--ignore", VERL_TESTS,
                                    "--ignore", DOCS_TESTS]
         codes.append(_pytest(py, [*main_paths, *ignore, *options], env))
+        if builder is not None:
+            _finish_prebuild(builder)
     if vllm_paths or not paths:
         if reason:
             print(f"vllm tier skipped: {reason}", flush=True)
@@ -278,6 +322,9 @@ def main(argv: list[str]) -> int:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     if cmd == "test":
         return run_tests(rest, env)
+    if cmd == "_prebuild":  # internal: run by `test` in the background
+        prebuild()
+        return 0
     py = str(ensure_venv("dev,bench" if cmd == "bench" else "dev"))
     if cmd == "lab":
         return subprocess.call([py, "-m", "gndpo.cli", "lab", *rest], cwd=ROOT, env=env)

@@ -45,12 +45,22 @@ def home(tmp_path_factory):
 
 
 def gndpo(home, *args, timeout=600):
+    return gndpo_each(home, [args], timeout=timeout)[0]
+
+
+def gndpo_each(home, commands, timeout=600):
+    """Run the commands at the same time (each fails or succeeds on its own: CI time), in order of the list."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     start = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "gndpo.cli", *args], cwd=home, env=env, capture_output=True,
-                          text=True, timeout=timeout)
-    proc.seconds = time.monotonic() - start
-    return proc
+    procs = [subprocess.Popen([sys.executable, "-m", "gndpo.cli", *args], cwd=home, env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for args in commands]
+    done = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=timeout)
+        result = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+        result.seconds = time.monotonic() - start
+        done.append(result)
+    return done
 
 
 def one_line_error(proc, *needles):
@@ -70,28 +80,28 @@ def test_five_mistakes_then_a_run_resumed_from_its_directory_and_evaluated(home)
     model = ["model.path=models/qwen3_student"]
     teacher = ["teacher.path=models/qwen3_teacher"]
 
-    # 1. a misspelt data file
-    proc = gndpo(home, "train", *model, *teacher, "data.train=promts.jsonl", *SMALL)
-    one_line_error(proc, "dataset file not found: promts.jsonl")
-
-    # 2. fixed; but the records name their answer `solution`: the error says which key to set
-    proc = gndpo(home, "train", *model, *teacher, "data.train=solutions.jsonl", *SMALL)
-    one_line_error(proc, "no 'answer' field", "set data.answer_key")
+    # the five mistakes, each fixed in the next command; each fails on its own before anything is written, so they
+    # run at the same time here (CI time), in the same directory
     data = ["data.train=solutions.jsonl", "data.answer_key=solution"]
-
-    # 3. fixed; a misspelt model directory fails at once, naming the directory meant, with no hub retries
-    proc = gndpo(home, "train", "model.path=models/qwen3_studnet", *teacher, *data, *SMALL)
-    one_line_error(proc, "model path not found: models/qwen3_studnet", "did you mean models/qwen3_student")
-    assert "Retrying" not in proc.stderr and "huggingface.co" not in proc.stderr
-
-    # 4. fixed; a teacher of another family: the error names tokens that differ
-    proc = gndpo(home, "train", *model, "teacher.path=other/qwen2_teacher", *data, *SMALL)
-    one_line_error(proc, "vocabularies differ", "'<think>'", "only in the student")
-
-    # 5. fixed; vLLM asked for where it is not installed (the vLLM tier covers an engine that cannot start)
-    if importlib.util.find_spec("vllm") is None:
-        proc = gndpo(home, "train", *model, *teacher, *data, *SMALL, "rollout.backend=vllm")
-        one_line_error(proc, "vLLM does not import", "install vLLM")
+    vllm_missing = importlib.util.find_spec("vllm") is None
+    procs = gndpo_each(home, [
+        ("train", *model, *teacher, "data.train=promts.jsonl", *SMALL),  # 1. a misspelt data file
+        # 2. fixed; but the records name their answer `solution`: the error says which key to set
+        ("train", *model, *teacher, "data.train=solutions.jsonl", *SMALL),
+        # 3. fixed; a misspelt model directory fails at once, naming the directory meant, with no hub retries
+        ("train", "model.path=models/qwen3_studnet", *teacher, *data, *SMALL),
+        # 4. fixed; a teacher of another family: the error names tokens that differ
+        ("train", *model, "teacher.path=other/qwen2_teacher", *data, *SMALL),
+        # 5. fixed; vLLM asked for where it is not installed (the vLLM tier covers an engine that cannot start)
+        *([("train", *model, *teacher, *data, *SMALL, "rollout.backend=vllm")] if vllm_missing else []),
+    ])
+    one_line_error(procs[0], "dataset file not found: promts.jsonl")
+    one_line_error(procs[1], "no 'answer' field", "set data.answer_key")
+    one_line_error(procs[2], "model path not found: models/qwen3_studnet", "did you mean models/qwen3_student")
+    assert "Retrying" not in procs[2].stderr and "huggingface.co" not in procs[2].stderr
+    one_line_error(procs[3], "vocabularies differ", "'<think>'", "only in the student")
+    if vllm_missing:
+        one_line_error(procs[4], "vLLM does not import", "install vLLM")
 
     # every failure left the directory reusable: the corrected command trains in it, no --resume, no rm
     assert not (home / RUN / "checkpoints").exists()

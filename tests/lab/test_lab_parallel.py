@@ -35,25 +35,27 @@ def test_jobs_default_to_the_cores_and_never_exceed_the_tasks():
     assert main(["lab", "--jobs", "0"]) == 2
 
 
-def test_workers_give_the_sequential_runs_bit_for_bit(tmp_path, capfd):
+def test_workers_give_the_sequential_runs_bit_for_bit(tmp_path, quick_lab):
+    """The shared quick lab ran in 2 worker processes; the same runs in sequence, in this process, are equal."""
+    par_dir, err = quick_lab
     assert _lab(tmp_path / "seq", 1) == 0
-    assert _lab(tmp_path / "par", 2) == 0
-    err = capfd.readouterr().err
     # one combined bar: no per-run training bars ("gspo: 33%|") nor per-evaluation bars ("eval: ")
-    assert not re.search(r"(^|[\r\n])\s*(gspo|opd|eval): ", err)
-    seq, par = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("seq", "par"))
+    assert not re.search(r"(^|[\r\n])\s*(gspo|opd|gndpo|eval): ", err)
+    seq, par = json.loads((tmp_path / "seq" / "results.json").read_text()), \
+        json.loads((par_dir / "results.json").read_text())
     assert (seq["jobs"], par["jobs"]) == (1, 2)
     assert (seq["base"], seq["teacher"]) == (par["base"], par["teacher"])
-    assert [r["method"] for r in par["runs"]] == ["gspo", "opd"]  # table order, not completion order
+    assert [r["method"] for r in par["runs"]] == ["gspo", "opd", "gndpo"]  # table order, not completion order
     for a, b in zip(seq["runs"], par["runs"]):
+        assert a["method"] == b["method"]
         assert {k: v for k, v in a.items() if k not in ("train_seconds", "run_dir")} == \
                {k: v for k, v in b.items() if k not in ("train_seconds", "run_dir")}
         assert _rows(a["run_dir"]) == _rows(b["run_dir"]) and len(_rows(a["run_dir"])) == 3
-        wa, wb = (_weights(tmp_path / d / "runs" / f"{a['method']}-seed0") for d in ("seq", "par"))
+        wa, wb = (_weights(d / "runs" / f"{a['method']}-seed0") for d in (tmp_path / "seq", par_dir))
         assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     # training moved the weights, so their equality is not that of two untouched copies of the student
     shipped = load_file(assets_dir() / "student" / "model.safetensors")
-    trained = _weights(tmp_path / "par" / "runs" / "opd-seed0")
+    trained = _weights(par_dir / "runs" / "opd-seed0")
     assert any(not torch.equal(shipped[k], trained[k]) for k in shipped)
 
 

@@ -4,7 +4,6 @@ import json
 import pytest
 from PIL import Image
 
-from gndpo.cli import main
 from gndpo.lab.run import METHODS, spikes
 
 pytestmark = pytest.mark.slow
@@ -16,11 +15,8 @@ def test_spike_count_definition():
     assert spikes([]) == 0
 
 
-def test_lab_quick_end_to_end(tmp_path, capsys):
-    out = tmp_path / "lab"
-    rc = main(["lab", "--quick", "--out", str(out)])
-    _, err = capsys.readouterr()
-    assert rc == 0, err
+def test_lab_quick_end_to_end(quick_lab):
+    out, _ = quick_lab
     table = (out / "results.md").read_text()
     for row in ("base student", "teacher", *METHODS):
         assert f"| {row} |" in table
@@ -30,7 +26,7 @@ def test_lab_quick_end_to_end(tmp_path, capsys):
         rows = [json.loads(line) for line in open(f"{run['run_dir']}/metrics.jsonl")]
         assert len(rows) == results["plan"]["steps"]
         assert all(k in rows[0] for k in ("loss", "grad_norm", "entropy"))
-        assert list((tmp_path / run["run_dir"]).glob("checkpoints/step-*/model.safetensors"))
+        assert list((out / "runs" / f"{run['method']}-seed0").glob("checkpoints/step-*/model.safetensors"))
         assert 0.0 <= run["accuracy"] <= 1.0
     width, height = Image.open(out / "dynamics.png").size
     assert width >= 900 and height >= 300
