@@ -9,7 +9,7 @@ import torch
 
 from gndpo.data.records import PromptRecord
 from gndpo.errors import ConfigError, DataError
-from gndpo.forward import ResponseScorer, encode_prompts, rollout_logprobs
+from gndpo.forward import ResponseScorer, rollout_logprobs
 from gndpo.models import load_model
 from gndpo.rollout.base import SamplingParams
 from gndpo.rollout.hf import HFRollout
@@ -18,20 +18,9 @@ from gndpo.teacher.context import ContextTeacher, check_records, privileged, tem
 from gndpo.teacher.hf import HFTeacher
 from gndpo.teacher.self import StudentTeacher
 
+from scoring_reference import alone
+
 CONTEXT = "Reference answer: {answer}"
-
-
-def alone(model, processor, record, response_ids, length):
-    """Log-probs of the first ``length`` response tokens after ``record``'s prompt: a plain Hugging Face forward
-    over prompt + response on their own (no gndpo scoring path)."""
-    enc = encode_prompts(processor, [record], suffix=None, system_prompt=None)
-    ids = torch.cat([enc["input_ids"], response_ids[None, :length]], 1)
-    extra = {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask")}
-    with torch.no_grad():
-        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), **extra).logits[0].float()
-    P = enc["input_ids"].shape[1]
-    lp = torch.log_softmax(logits[P - 1:P - 1 + length], -1)
-    return lp.gather(-1, response_ids[:length, None]).squeeze(-1)
 
 
 def expected(model, processor, rollouts, records):

@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from gndpo.data.loaders import load_records
-from gndpo.forward import encode_prompts
 from gndpo.models import load_model
 from gndpo.rollout.base import SamplingParams
 from gndpo.teacher.context import ContextTeacher, privileged
@@ -15,18 +14,10 @@ from gndpo.teacher.vllm import VLLMTeacher
 from gndpo.train import train
 from gndpo.vllm_engine import EngineOptions
 
+from scoring_reference import alone
+
 pytestmark = pytest.mark.vllm
 CONTEXT = "Reference answer: {answer}"
-
-
-def alone(model, processor, record, response_ids, length):
-    enc = encode_prompts(processor, [record], suffix=None, system_prompt=None)
-    ids = torch.cat([enc["input_ids"], response_ids[None, :length]], 1)
-    extra = {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask")}
-    with torch.no_grad():
-        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), **extra).logits[0].float()
-    P = enc["input_ids"].shape[1]
-    return torch.log_softmax(logits[P - 1:P - 1 + length], -1).gather(-1, response_ids[:length, None]).squeeze(-1)
 
 
 @pytest.mark.parametrize("at", ["prompt", "system"])
