@@ -4,7 +4,7 @@ from argparse import Namespace
 import pytest
 
 from gndpo.errors import GndpoError
-from gndpo.lab.run import DENSE, lab_tasks, plan_from_args
+from gndpo.lab.run import DENSE, lab_tasks, normalizes, plan_from_args
 
 
 def args(**kw):
@@ -27,6 +27,8 @@ def test_dense_runs_beside_opd_and_gndpo_in_both_settings(tmp_path):
             by_name["rkl-topk-gndpo-seed0"].algorithm.dense_mode) == ("reverse_kl", "reward")
     assert by_name["rkl-topk-loss-stress-seed0"].rollout.temperature == 1.6
     assert by_name["opd-seed0"].algorithm.distill == "sampled"
+    # the normalizer's jitter is reported for runs that z-score a reward over the batch only
+    assert [normalizes(by_name[f"{m}-seed0"]) for m in plan.methods] == [False, True, False, False, True]
 
 
 def test_the_default_lab_runs_no_dense_setting_and_unknown_names_are_one_line(tmp_path):

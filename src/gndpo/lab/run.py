@@ -207,6 +207,13 @@ def evaluate(model_dir: Path, data_dir: Path) -> float:
                            progress=False)["accuracy"]
 
 
+def normalizes(cfg) -> bool:
+    """Whether the run z-scores a reward over the batch (gndpo, and the dense reward mode), so that the
+    normalizer's jitter means something; a dense loss has no reward to normalize."""
+    a = cfg.algorithm
+    return a.scope == "batch" and not (a.distill == "topk" and a.dense_mode == "loss")
+
+
 def norm_jitter(rows: list[dict]) -> float | None:
     """How much the std that normalized the rewards moves from one step to the next: mean |log(s_t / s_t-1)|
     (running statistics' when the run kept them, else the batch's own); None for runs that do not normalize."""
@@ -250,11 +257,10 @@ def run_one(task: LabTask, data_dir: Path, report: Report, eval_every: int = 0) 
         train_s = lab_resume.train_seconds(rows, cfg.trainer.total_steps)
     gn = [r["grad_norm"] for r in rows]
     loss = [r["loss"] for r in rows]
-    normalizes = cfg.algorithm.scope == "batch"  # the reward z-scored over the batch (gndpo): its std's jitter
     return {"method": cfg.logging.run_name, "seed": cfg.trainer.seed, "accuracy": at[cfg.trainer.total_steps],
             "accuracy_at": at, "grad_norm_max": max(gn), "spikes": spikes(gn),
             "loss_std": statistics.pstdev(loss) if len(loss) > 1 else 0.0,
-            "norm_jitter": norm_jitter(rows) if normalizes else None,
+            "norm_jitter": norm_jitter(rows) if normalizes(cfg) else None,
             # a reused run's (--resume): the sum of its logged time/step, which leaves out the setup before step 1
             "train_seconds": train_s, "reused": task.reuse, "run_dir": str(out)}
 
