@@ -329,6 +329,7 @@ class Fingerprint:
     absolute: float = 0.0
     squares: float = 0.0
     count: int = 0  # elements
+    placeholders: int = 0  # empty parameters whose weight a kernel keeps elsewhere (engine side only)
 
     def add(self, tensor: torch.Tensor) -> None:
         self.count += tensor.numel()
@@ -340,7 +341,7 @@ class Fingerprint:
 
     def __sub__(self, other: "Fingerprint") -> "Fingerprint":
         return Fingerprint(self.total - other.total, self.absolute - other.absolute, self.squares - other.squares,
-                           self.count - other.count)
+                           self.count - other.count, self.placeholders - other.placeholders)
 
     def drift(self, other: "Fingerprint", scale: "Fingerprint") -> float:
         """The largest of the three differences, each relative to ``scale``'s sum of |w| or of w^2."""
@@ -349,18 +350,21 @@ class Fingerprint:
                    abs(self.squares - other.squares) / max(scale.squares, 1e-30))
 
 
-def _worker_fingerprint(worker) -> tuple[float, float, float, int]:
+def _worker_fingerprint(worker) -> tuple[float, float, float, int, int]:
     fp = Fingerprint()
     for param in worker.model_runner.get_model().parameters():
+        fp.placeholders += param.numel() == 0
         fp.add(param)
-    return fp.total, fp.absolute, fp.squares, fp.count
+    return fp.total, fp.absolute, fp.squares, fp.count, fp.placeholders
 
 
 def engine_fingerprint(llm) -> Fingerprint:
     """The :class:`Fingerprint` of the engine's model parameters (its first worker's, computed where they live).
 
-    Meaningful where the engine computes with its parameters (vLLM on CUDA); its CPU kernels repack linear
-    weights and leave empty parameters behind (``dispatch_cpu_unquantized_gemm``), which ``count`` shows."""
+    Meaningful where the engine computes with its parameters (vLLM on CUDA). vLLM's CPU kernels (oneDNN, and
+    sgl's on AMX CPUs) repack linear weights into a copy of their own and leave an empty parameter behind
+    (``dispatch_cpu_unquantized_gemm``): ``placeholders`` counts those. A push refreshes the packed copy, which
+    no parameter shows, so no fingerprint can tell a stale engine from a synced one there."""
     return Fingerprint(*llm.collective_rpc(_worker_fingerprint)[0])
 
 

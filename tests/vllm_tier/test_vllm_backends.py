@@ -164,6 +164,57 @@ def test_bf16_engine_sync_passes_healthy_steps_and_stops_a_one_step_stale_push(l
         sampler.close()
 
 
+def test_no_false_sync_error_where_the_cpu_kernels_repack_weights_of_a_large_vocabulary_model(tmp_path, monkeypatch):
+    """InternVL3.5's shapes at tiny widths: the real 151,936-row vocabulary, untied head, so the embeddings and head
+    hold 98.8 % of the elements. vLLM's float32 CPU kernels repack the linear weights and leave empty
+    parameters, so a push changes what the engine computes with but no parameter the fingerprint reads. Before
+    the fix the element count (over 90 % held) switched the fingerprint on, and the first healthy step after it
+    raised SyncError (paper_smoke.py --cpu: drift 6.8e-9). The fingerprint stays off there (placeholders), and
+    on when the engine holds plain parameters, where two healthy steps keep it at 0."""
+    import json
+
+    from PIL import Image
+
+    from gndpo import vllm_engine as engine
+    from gndpo.lab import shapes
+
+    real = shapes.internvl3_5_config
+
+    def tiny(*args):
+        config = real(*args)
+        config["vision_config"].update(hidden_size=64, intermediate_size=128, num_attention_heads=2)
+        return config
+
+    monkeypatch.setattr(shapes, "internvl3_5_config", tiny)
+    monkeypatch.setitem(shapes.SIZES, "tiny", (64, 128, 1, 2, 1))
+    path = str(shapes.save_random_model(tmp_path / "model", "tiny", layers=1))
+    Image.new("RGB", (448, 448), (40, 120, 200)).save(tmp_path / "img.png")
+    (tmp_path / "d.jsonl").write_text(json.dumps({"id": "p0", "problem": "What colour is it?", "answer": "blue",
+                                                  "images": [str(tmp_path / "img.png")]}) + "\n")
+    records = load_records(str(tmp_path / "d.jsonl"))
+    loaded = load_model(path, dtype="float32")
+    embeddings = sum(p.numel() for n, p in loaded.model.named_parameters() if "embed_tokens" in n or "lm_head" in n)
+    assert embeddings >= 0.98 * sum(p.numel() for p in loaded.model.parameters())
+    sampler = VLLMRollout(loaded.model, loaded.processor, path=path,
+                          options=EngineOptions(max_model_len=512, max_images=1), suffix=None, system_prompt=None,
+                          score_fn=trainer_lp(loaded.model, loaded.processor), check_every=1)
+    optimizer = torch.optim.AdamW(loaded.model.parameters(), lr=1e-4)
+    try:
+        ro = sampler.generate(records, SamplingParams(n=2, max_new_tokens=8, seed=0))
+        for seed in (1, 2):
+            optimizer.zero_grad(set_to_none=True)
+            rollout_logprobs(loaded.model, loaded.processor, ro, micro_batch_size=8, suffix=None,
+                             system_prompt=None).sum().backward()
+            optimizer.step()
+            sampler.weights_changed()
+            ro = sampler.generate(records, SamplingParams(n=2, max_new_tokens=8, seed=seed))  # no SyncError
+            assert ro.stats["rollout/sync_gap"] < 1e-4
+            assert ro.stats.get("rollout/sync_weight_drift", 0.0) <= 1e-12
+        assert (sampler.offset is False) == (engine.engine_fingerprint(sampler.llm).placeholders > 0)
+    finally:
+        sampler.close()
+
+
 @pytest.mark.parametrize("kind", ["vlm", "text"])
 def test_vllm_teacher_equals_the_hf_teacher(lab_pair, lab_sampler, vllm_dir, vlm_records, kind):
     from gndpo import vllm_engine as engine  # noqa: F401  (engine env before HF loads)
