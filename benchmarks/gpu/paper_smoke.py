@@ -10,15 +10,18 @@ tiles) with random weights as the student, and the same family (--teacher-size 1
 from config.json on the GPU; no hub. Checks, each a row of the table:
 
 1. one process, the presets' precision (float32 masters, bf16 autocast, gradient checkpointing), the hf sampler's
-   decode loop, two GNDPO steps at lr 1e-6: the checkpoint holds float32 masters that moved (>= 90 % of weights),
-   sampler and trainer log-probs agree to bf16 precision, and for each phase the plan's estimate against
+   decode loop, two GNDPO steps at lr 1e-6: the checkpoint holds float32 masters that moved (>= 90 % of the
+   weights that had a non-zero gradient: the embedding rows no prompt or response token uses get none and stay
+   put), sampler and trainer log-probs agree to bf16 precision, and for each phase the plan's estimate against
    torch.cuda.max_memory_allocated over that phase (plan / measured within 0.85-1.3: the plan is a worst case,
    which every response of exactly --new-tokens tokens meets);
-2. FSDP2 on NCCL with world size 1 (gndpo.dist.apply_fsdp with the presets' MixedPrecisionPolicy): float32 shards,
-   bf16 compute, one update that moves the weights, a DCP save/load round trip, the plan's FSDP peak;
+2. FSDP2 on NCCL (gloo with --cpu) with world size 1 (gndpo.dist.apply_fsdp with the presets'
+   MixedPrecisionPolicy), scored through gndpo.forward.response_stats as the trainer does: float32 shards, bf16
+   compute, one update that moves the weights, a DCP save/load round trip, the plan's FSDP peak;
 3. vLLM (when it imports): a bf16 VLLMRollout over float32 masters with sleep mode: first push and sync check
    (weight fingerprint and log-prob gap), the memory freed by sleep, wake + push after an optimizer step, a
-   skipped push stopped by the sync check; VLLMTeacher against HFTeacher.
+   skipped push stopped by the sync check; VLLMTeacher against HFTeacher. With --cpu the engine runs float32,
+   whose CPU kernels repack the linear weights: no fingerprint there (3e passes as "not caught").
 
 Prints one markdown table (and writes it with a JSON copy under $OUT when set); exits 1 when a check fails.
 Not run yet: no GPU has been lent to this project's tasks while it was written (see docs/BENCHMARKS.md).
@@ -118,11 +121,53 @@ class PhaseMemory:
             setattr(owner, attr, real)
 
 
+class GradientRows:
+    """Which rows of each parameter got a non-zero gradient at some optimizer step of gndpo.train (a step pre-hook
+    on the optimizer update_policy is given): the elements AdamW can move. Most rows of the 151,936-row input
+    embedding never get one (only the ids the prompts and responses use are looked up), and without weight decay
+    they stay put, so "the masters moved" is measured over the rows that had a gradient. Per row (a 1-D tensor:
+    per element), from amax/amin reductions: no full-size temporary on the GPU during the update phase."""
+
+    def __init__(self):
+        self.rows: dict[str, "torch.Tensor"] = {}  # name -> (rows,) bool, on the CPU
+        self.seen: set[int] = set()
+
+    def wrap(self, owner, attr: str) -> None:
+        real = getattr(owner, attr)
+
+        def wrapped(cfg, model, optimizer, *a, **k):
+            if id(optimizer) not in self.seen:
+                self.seen.add(id(optimizer))
+                names = {id(p): n for n, p in getattr(model, "model", model).named_parameters()}
+                optimizer.register_step_pre_hook(lambda opt, args, kwargs: self.record(opt, names))
+            return real(cfg, model, optimizer, *a, **k)
+
+        setattr(owner, attr, wrapped)
+        self.undo = (owner, attr, real)
+
+    def record(self, optimizer, names: dict) -> None:
+        import torch
+
+        with torch.no_grad():
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    if p.grad is None:
+                        continue
+                    g = p.grad.reshape(p.grad.shape[0], -1) if p.grad.dim() > 1 else p.grad.reshape(-1, 1)
+                    hit = ((g.amax(1) != 0) | (g.amin(1) != 0)).cpu()
+                    name = names[id(p)]
+                    self.rows[name] = hit | self.rows[name] if name in self.rows else hit
+
+    def restore(self) -> None:
+        setattr(*self.undo)
+
+
 def check_one_process(work: dict) -> None:
     import torch
     from safetensors.torch import load_file
 
     import gndpo.train as train_mod
+    from gndpo.models import load_model
     from gndpo.plan import GIB, build_plan
     from gndpo.rollout.hf import HFRollout
     from gndpo.teacher.hf import HFTeacher
@@ -135,22 +180,41 @@ def check_one_process(work: dict) -> None:
     mem.wrap(train_mod, "rollout_stats", "old log-probs")
     mem.wrap(HFTeacher, "score", "teacher scoring")
     mem.wrap(train_mod, "update_policy", "update")
+    grads = GradientRows()
+    grads.wrap(train_mod, "update_policy")  # inside the memory wrapper: the hook's reductions count in "update"
     start = time.perf_counter()
     try:
         train_mod.train(cfg)
     finally:
+        grads.restore()
         mem.restore()
     seconds = time.perf_counter() - start
     steps = [json.loads(line) for line in open(out / "metrics.jsonl")]
-    masters = load_file(str(out / "checkpoints" / "step-000002" / "model.safetensors"))
-    base = load_file(str(Path(work["student"]) / "model.safetensors"))
-    dtypes = {str(w.dtype) for w in masters.values()}
-    changed = sum(int((w != base[k].float()).sum()) for k, w in masters.items()) / sum(w.numel() for w in masters.values())
+    ckpt = out / "checkpoints" / "step-000002"
+    dtypes = {str(w.dtype) for w in load_file(str(ckpt / "model.safetensors")).values()}
+    # the masters and the initial weights as models (the gradient rows carry the live parameter names, which
+    # save_pretrained may rename), upcast: a bfloat16 checkpoint compares exactly
+    final = dict(load_model(str(ckpt), dtype="float32", device="cpu").model.named_parameters())
+    base = dict(load_model(work["student"], dtype="float32", device="cpu").model.named_parameters())
+    if set(grads.rows) != set(final):
+        raise RuntimeError(f"gradients recorded for {len(grads.rows)} parameters, the checkpoint holds "
+                           f"{len(final)}; e.g. {sorted(set(grads.rows) ^ set(final))[:3]}")
+    moved = with_grad = 0
+    with torch.no_grad():
+        for k, w in final.items():
+            hit = grads.rows[k].view(-1, *([1] * (w.dim() - 1))) if w.dim() > 1 else grads.rows[k].view(-1)
+            moved += int(((w != base[k]) & hit).sum())
+            with_grad += int(hit.sum()) * (w[0].numel() if w.dim() > 1 else 1)
+    total = sum(w.numel() for w in final.values())
+    del final, base
+    changed = moved / max(with_grad, 1)
     row("1a masters", dtypes == {"torch.float32"} and changed >= 0.9,
-        f"checkpoint dtypes {sorted(dtypes)}; {changed:.1%} of weights moved in 2 steps at lr 1e-6")
+        f"checkpoint dtypes {sorted(dtypes)}; {changed:.1%} of the weights with a gradient moved in 2 steps at lr "
+        f"1e-6 ({with_grad / total:.1%} of all had one: untouched embedding rows cannot move)")
     diff = max(s.get("rollout/logprob_diff_max", float("nan")) for s in steps)
     row("1b decode loop", diff == diff and diff < 0.5 and steps[-1]["response_length"] == work["new_tokens"],
-        f"sampler vs trainer log-prob max |diff| {diff:.3g} (bf16 both); {steps[-1]['time/rollout']:.1f} s rollout "
+        f"sampler vs trainer log-prob max |diff| {diff:.3g} ({work['compute']} both); "
+        f"{steps[-1]['time/rollout']:.1f} s rollout "
         f"of {8 * work['new_tokens']} tokens; whole run {seconds:.0f} s")
     if not work["cuda"]:
         row("1c plan vs CUDA allocator", None, "no CUDA device")
@@ -174,7 +238,7 @@ def check_fsdp(work: dict) -> None:
 
     from gndpo.data.loaders import load_records
     from gndpo.dist import DistContext, apply_fsdp, clip_grad_norm, load_sharded, save_sharded
-    from gndpo.forward import ResponseScorer, encode_each, micro_batch_inputs, pad_token_id
+    from gndpo.forward import ResponseScorer, encode_each, micro_batch_inputs, pad_token_id, response_stats
     from gndpo.models import load_model
     from gndpo.plan import GIB, build_plan
 
@@ -204,7 +268,7 @@ def check_fsdp(work: dict) -> None:
         ids = torch.randint(0, 1000, (4, R), device=work["device"])
         mask = torch.ones(4, R, dtype=torch.bool, device=work["device"])
         before = {n: p.full_tensor().detach().clone() for n, p in list(model.named_parameters())[:4]}
-        lp = scorer(inputs, ids, mask, prompt_index=rows).logprobs
+        lp = response_stats(scorer, inputs, ids, mask, prompt_index=rows).logprobs
         lp.mean().backward()
         norm = clip_grad_norm([p for p in scorer.parameters() if p.grad is not None], 1.0, DistContext())
         grads = {str(p.grad.to_local().dtype) for p in model.parameters() if p.grad is not None}
@@ -276,7 +340,8 @@ def check_vllm(work: dict) -> None:
     start = time.perf_counter()
     sampler = VLLMRollout(loaded.model, loaded.processor, path=work["student"], options=options, suffix=None,
                           system_prompt=None, score_fn=reference, check_every=1, check_responses=8)
-    row("3a engine start", True, f"{time.perf_counter() - start:.0f} s, bf16, sleep mode {sampler.sleeps}")
+    row("3a engine start", True,
+        f"{time.perf_counter() - start:.0f} s, {options.dtype}, sleep mode {sampler.sleeps}")
     try:
         ro = sampler.generate(records, sampling)
         drift = ro.stats.get("rollout/sync_weight_drift")
@@ -331,7 +396,8 @@ def check_vllm(work: dict) -> None:
         teacher.close()
     mask = teacher_ro.response_mask
     gap = float((ours - theirs).abs()[mask].mean())
-    row("3f vLLM teacher = HF teacher", gap < 2e-2, f"mean |diff| {gap:.3g} over {int(mask.sum())} tokens (bf16)")
+    row("3f vLLM teacher = HF teacher", gap < 2e-2,
+        f"mean |diff| {gap:.3g} over {int(mask.sum())} tokens ({work['compute']})")
 
 
 # ---------------------------------------------------------------- main
