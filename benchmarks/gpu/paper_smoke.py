@@ -445,7 +445,8 @@ def main() -> int:
             guarded("2 FSDP2", check_fsdp, work)
         if "3" in parts:
             guarded("3 vLLM", check_vllm, work)
-    table = ["| check | result | detail |", "|---|---|---|"] + [f"| {c} | {r} | {d} |" for c, r, d in ROWS]
+    cells = [(c, r, d.replace("|", "\\|")) for c, r, d in ROWS]  # a '|' in a detail would split its cell
+    table = ["| check | result | detail |", "|---|---|---|"] + [f"| {c} | {r} | {d} |" for c, r, d in cells]
     print(f"\npaper_smoke on {name}, {time.perf_counter() - started:.0f} s")
     print("\n".join(table))
     if os.environ.get("OUT"):
