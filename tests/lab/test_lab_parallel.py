@@ -71,3 +71,15 @@ def test_a_failing_run_stops_the_workers_with_one_error_line(tmp_path, capfd):
     assert "FileExistsError" in (out / "opd-seed0.traceback.txt").read_text()
     assert not (out / "results.md").exists()
     assert multiprocessing.active_children() == []  # the other worker was stopped, not left running
+
+
+def test_a_run_that_succeeds_on_a_later_lab_removes_its_old_traceback(tmp_path):
+    from gndpo.errors import GndpoError
+    from gndpo.lab.run import LabTask, checked
+
+    task = LabTask("student")  # an evaluation task: no config needed
+    with pytest.raises(GndpoError, match=r"lab evaluation of the shipped student failed: boom \(traceback in "):
+        checked(task, {"error": "boom", "traceback": "Traceback: boom"}, tmp_path)
+    assert (tmp_path / "student.traceback.txt").read_text() == "Traceback: boom"
+    assert checked(task, {"accuracy": 0.5}, tmp_path) == {"accuracy": 0.5}
+    assert not (tmp_path / "student.traceback.txt").exists()

@@ -401,10 +401,12 @@ def run_sequential(tasks: list[LabTask], data_dir: Path, out_dir: Path, display:
 
 
 def checked(task: LabTask, outcome: dict, out_dir: Path) -> dict:
-    """``outcome``, or the one-line GndpoError naming the task, with the traceback kept in a file."""
-    if "error" not in outcome:
-        return outcome
+    """``outcome``, or the one-line GndpoError naming the task, with the traceback kept in a file (removed when a
+    later lab in the same directory runs the task through)."""
     trace = out_dir / f"{task.name}.traceback.txt"
+    if "error" not in outcome:
+        trace.unlink(missing_ok=True)
+        return outcome
     trace.write_text(outcome["traceback"])
     what = f"lab run {task.name}" if task.cfg is not None else f"lab evaluation of the shipped {task.name}"
     raise GndpoError(f"{what} failed: {outcome['error']} (traceback in {trace})")
