@@ -244,18 +244,12 @@ def distillation_signal(
     student_logprobs: torch.Tensor,
     response_mask: torch.Tensor,
     clamp: float | None = 5.0,
-    token_reward: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(signal, reward), float64 (B, L), detached, 0 at padding: the log-ratio (or ``token_reward``, which replaces
-    it) and its clamp, the reward that the distillation estimators normalize."""
+    """(log-ratio, reward), float64 (B, L), detached, 0 at padding: the log-ratio and its clamp, the reward that
+    the distillation estimators normalize."""
     _check_shapes(teacher_logprobs=teacher_logprobs, student_logprobs=student_logprobs, response_mask=response_mask)
     valid = response_mask.bool()  # (B, L)
-    if token_reward is None:
-        log_ratio = _log_ratio(teacher_logprobs.detach(), student_logprobs.detach(), valid).double()  # (B, L)
-    else:  # another per-token signal (a negative top-k divergence), clamped and normalized the same way
-        _check_shapes(token_reward=token_reward, response_mask=response_mask)
-        _check_no_nan("token_reward", token_reward, valid)
-        log_ratio = torch.where(valid, token_reward.detach(), 0.0).double()  # (B, L)
+    log_ratio = _log_ratio(teacher_logprobs.detach(), student_logprobs.detach(), valid).double()  # (B, L)
     return log_ratio, _clamp_reward(log_ratio, valid, clamp)
 
 
@@ -268,7 +262,6 @@ def _distillation_advantages(
     scope: str,
     group_ids: torch.Tensor | None,
     reduce: Reduce | None,
-    token_reward: torch.Tensor | None = None,
     moments: Sequence[float] | None = None,
     teacher_ids: torch.Tensor | None = None,
     teacher_names: tuple[str, ...] = (),
@@ -284,7 +277,7 @@ def _distillation_advantages(
                          f"teacher_names naming each, got shape {tuple(teacher_ids.shape)}")
     valid = response_mask.bool()  # (B, L)
     out_dtype = torch.promote_types(student_logprobs.dtype, torch.float32)
-    log_ratio, r64 = distillation_signal(teacher_logprobs, student_logprobs, response_mask, clamp, token_reward)
+    log_ratio, r64 = distillation_signal(teacher_logprobs, student_logprobs, response_mask, clamp)
     m = valid.double()  # (B, L)
 
     if scope == "none":
@@ -355,22 +348,19 @@ def gndpo_advantages(
     scope: str = "batch",
     group_ids: torch.Tensor | None = None,
     reduce: Reduce | None = None,
-    token_reward: torch.Tensor | None = None,
     moments: Sequence[float] | None = None,
     teacher_ids: torch.Tensor | None = None,
     teacher_names: tuple[str, ...] = (),
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """GNDPO: clamped log-ratio z-scored over every valid token of the batch (``scope``). Detached.
 
-    ``token_reward`` (B, L): a per-token signal that replaces the log-ratio (gndpo's dense mode passes the
-    negative top-k divergence), clamped and normalized the same way; the log-probs are then only checked.
     ``moments`` (sum, sum of squares, count), scope batch only: normalize with these statistics instead of the
     batch's own (running statistics, ``normstats.py``); None = the paper.
     ``teacher_ids`` (B,) / ``teacher_names``: which of several teachers scored each response (per-teacher metrics;
     ``scope="teacher"`` normalizes per teacher)."""
     return _distillation_advantages(
-        teacher_logprobs, student_logprobs, response_mask, clamp, eps, scope, group_ids, reduce, token_reward,
-        moments, teacher_ids, tuple(teacher_names),
+        teacher_logprobs, student_logprobs, response_mask, clamp, eps, scope, group_ids, reduce, moments,
+        teacher_ids, tuple(teacher_names),
     )
 
 
@@ -385,7 +375,6 @@ def opd_advantages(
     scope: str = "none",
     group_ids: torch.Tensor | None = None,
     reduce: Reduce | None = None,
-    token_reward: torch.Tensor | None = None,
     moments: Sequence[float] | None = None,
     teacher_ids: torch.Tensor | None = None,
     teacher_names: tuple[str, ...] = (),
@@ -395,8 +384,8 @@ def opd_advantages(
     Same options as ``gndpo``; ``opd`` with ``scope="batch"`` equals ``gndpo``.
     """
     return _distillation_advantages(
-        teacher_logprobs, student_logprobs, response_mask, clamp, eps, scope, group_ids, reduce, token_reward,
-        moments, teacher_ids, tuple(teacher_names),
+        teacher_logprobs, student_logprobs, response_mask, clamp, eps, scope, group_ids, reduce, moments,
+        teacher_ids, tuple(teacher_names),
     )
 
 

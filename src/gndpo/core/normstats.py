@@ -54,11 +54,10 @@ def reward_moments(
     response_mask: torch.Tensor,
     clamp: float | None = 5.0,
     reduce: Reduce | None = None,
-    token_reward: torch.Tensor | None = None,
 ) -> Moments:
     """The batch moments of the clamped reward (every rank's tokens through ``reduce``), exactly those the
-    gndpo estimator computes for its own batch statistics; ``token_reward`` as the estimator takes it."""
-    _, reward = distillation_signal(teacher_logprobs, student_logprobs, response_mask, clamp, token_reward)  # (B, L)
+    gndpo estimator computes for its own batch statistics."""
+    _, reward = distillation_signal(teacher_logprobs, student_logprobs, response_mask, clamp)  # (B, L)
     s, ss, n = masked_moments(reward, response_mask, reduce)
     return Moments(s.item(), ss.item(), n.item())
 
@@ -88,11 +87,10 @@ def running_step(
     response_mask: torch.Tensor,
     clamp: float | None = 5.0,
     reduce: Reduce | None = None,
-    token_reward: torch.Tensor | None = None,
 ) -> tuple[Moments, dict[str, float]]:
     """One step's running statistics (to pass to the estimator as ``moments``, and to keep for the next step)
     and their metrics."""
-    batch = reward_moments(teacher_logprobs, student_logprobs, response_mask, clamp, reduce, token_reward)
+    batch = reward_moments(teacher_logprobs, student_logprobs, response_mask, clamp, reduce)
     return join_step(previous, decay, batch)
 
 
